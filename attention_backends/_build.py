@@ -1,0 +1,46 @@
+"""Sources and compiler flags of the flash extension, shared by setup.py and the JIT build.
+
+Kept free of package imports so setup.py can load it by path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+DEFAULT_CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+]
+
+
+def sources(with_cuda: bool) -> list[str]:
+    """The C++ sources (always) and, with CUDA, the CUDA API layer and kernel instantiations."""
+    files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
+    if with_cuda:
+        files += sorted((CSRC / "cuda").glob("*.cpp")) + sorted((CSRC / "cuda" / "instantiations").glob("*.cu"))
+    return [str(f) for f in files]
+
+
+def include_dirs() -> list[str]:
+    return [str(CSRC), str(CSRC / "cuda")]
+
+
+def cxx_flags() -> list[str]:
+    """-march defaults to native: the extension is built on the machine that runs it (FLASH_ATTN_CPU_ARCH overrides)."""
+    arch = os.environ.get("FLASH_ATTN_CPU_ARCH", "native")
+    return ["-O3", "-std=c++17", "-fopenmp", f"-march={arch}"]
+
+
+def nvcc_flags() -> list[str]:
+    """sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST names the archs (then torch adds the -gencode flags)."""
+    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        flags += DEFAULT_CUDA_ARCH_FLAGS
+    return flags
+
+
+def link_flags() -> list[str]:
+    return ["-fopenmp"]

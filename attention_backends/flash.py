@@ -1,0 +1,94 @@
+"""The flash backend: our FlashAttention kernels (csrc/) behind the backend contract."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .extension import extension_error, has_kernels_for
+from .masks import merge_masks
+from .registry import register_backend
+from .support import BackendSupport
+
+CUDA_HEAD_DIMS = frozenset({32, 64, 96, 128, 256})
+MAX_CPU_HEAD_DIM = 256
+
+
+def _device_reason(device: str) -> str | None:
+    if device == "cuda" and not has_kernels_for("cuda"):
+        return "the flash extension was built without CUDA kernels; rebuild it where nvcc and a CUDA torch are present"
+    return None
+
+
+FLASH_SUPPORT = BackendSupport(
+    devices=frozenset({"cpu", "cuda"}),
+    dtypes={
+        "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+        "cuda": frozenset({torch.float16, torch.bfloat16}),
+    },
+    head_dims={
+        "cpu": (lambda d: 1 <= d <= MAX_CPU_HEAD_DIM, f"1..{MAX_CPU_HEAD_DIM}"),
+        "cuda": (lambda d: d in CUDA_HEAD_DIMS, "32, 64, 96, 128 or 256"),
+    },
+    attn_mask=False,
+    dropout=False,
+    available=extension_error,
+    device_available=_device_reason,
+)
+
+
+def weights_from_lse(
+    q: Tensor, k: Tensor, lse: Tensor, *, key_padding_mask: Tensor | None, is_causal: bool, scale: float
+) -> Tensor:
+    """Exact attention weights recomputed from the saved log-sum-exp: exp(Q Kᵀ · scale − lse).
+
+    Shape:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); lse: (B, Hq, Nq) float32 (+inf for rows with no key).
+        returns (B, Hq, Nq, Nk) in q's dtype; rows with no visible key are 0.
+    The weights are computed without autograd: gradients flow through the attention output.
+    """
+    batch, heads_q, len_q, _ = q.shape
+    heads_kv, len_k = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        q_grouped = rearrange(q, "b (h g) n d -> b h (g n) d", g=group).to(compute_dtype)
+        scores = torch.matmul(q_grouped, k.to(compute_dtype).transpose(-1, -2)) * scale
+        scores = scores.view(batch, heads_q, len_q, len_k)  # (B, Hq, Nq, Nk)
+        allowed = merge_masks(
+            len_q, len_k, key_padding_mask=key_padding_mask, attn_mask=None, is_causal=is_causal,
+            device=q.device,
+        ).allowed
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.exp(scores - lse.to(compute_dtype).unsqueeze(-1))
+    return weights.to(q.dtype)
+
+
+@register_backend("flash", support=FLASH_SUPPORT, fallback="sdpa")
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Tiled attention with online softmax: no N×N tensor is written (unless weights are asked for).
+
+    Shape:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); key_padding_mask (B, Nk) bool.
+        returns out (B, Hq, Nq, D) and weights (B, Hq, Nq, Nk) or None.
+    """
+    if attn_mask is not None or dropout_p > 0.0:
+        raise ValueError("flash attention takes no attn_mask and no dropout (the registry falls back for those)")
+    out, lse = torch.ops.flash_attn.fwd(q, k, v, key_padding_mask, None, scale, is_causal)
+    weights = None
+    if need_weights:
+        weights = weights_from_lse(q, k, lse, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale)
+    return out, weights

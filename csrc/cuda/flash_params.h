@@ -1,0 +1,56 @@
+// Parameters of one flash attention call, filled by the API layer (flash_api_cuda.cpp) and read by
+// the kernels. Plain data: no torch headers, so the kernels compile with nvcc alone.
+#pragma once
+
+#include <cstdint>
+
+namespace flash {
+
+// Element strides of a (B, H, N, D) tensor; the last dim is contiguous (stride 1).
+struct Strides4 {
+  int64_t batch;
+  int64_t head;
+  int64_t row;
+};
+
+struct FwdParams {
+  // Inputs: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D); element type fixed by the template.
+  const void* q;
+  const void* k;
+  const void* v;
+  Strides4 q_stride, k_stride, v_stride;
+  // Output (B, Hq, Nq, D) contiguous, same element type; lse (B, Hq, Nq) float32 contiguous.
+  void* out;
+  float* lse;
+  // Optional masks: key_padding_mask (B, Nk) bool (True = ignore), row stride in elements;
+  // seqlens_k (B,) int32. nullptr when absent.
+  const bool* key_padding_mask;
+  int64_t key_padding_mask_batch_stride;
+  const int32_t* seqlens_k;
+
+  int batch, heads_q, heads_kv, len_q, len_k, head_dim;
+  int group;    // heads_q / heads_kv
+  float scale;  // softmax scale
+  float scale_log2;  // scale * log2(e)
+  bool is_causal;
+};
+
+struct BwdParams : FwdParams {
+  // dout (B, Hq, Nq, D) any strides with a contiguous last dim; out and lse as saved by the forward.
+  const void* dout;
+  Strides4 dout_stride;
+  const void* out_saved;
+  Strides4 out_stride;
+  const float* lse_saved;
+  // Outputs. dq (B, Hq, Nq, D) contiguous in the input type; dk, dv (B, Hq, Nk, D) contiguous
+  // (one slice per query head: the API layer sums the group for GQA).
+  void* dq;
+  void* dk;
+  void* dv;
+  // Scratch the API layer allocates: dq_accum (B, Hq, Nq, D) float32 zeroed, softmax_d (B, Hq, Nq)
+  // float32 (rowsum(dout * out)).
+  float* dq_accum;
+  float* softmax_d;
+};
+
+}  // namespace flash

@@ -1,0 +1,22 @@
+// The flash_attn op library: schemas only. The CPU and CUDA implementations register themselves
+// apart (cpu/flash_cpu.cpp, cuda/flash_api_cuda.cpp); the Python side (attention_backends/flash_ops.py)
+// adds the fake (meta) kernels and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing the extension (import attention_backends._C) runs the static TORCH_LIBRARY initialisers.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(flash_attn, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? seqlens_k, float scale, "
+      "bool is_causal) -> (Tensor out, Tensor lse)");
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
+      "Tensor? seqlens_k, float scale, bool is_causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
