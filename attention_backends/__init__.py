@@ -9,6 +9,7 @@ from .extension import ExtensionNotBuiltError, compile_cuda_extension, extension
 from .flash import flash_attention, weights_from_lse
 from .masks import causal_allowed, merge_masks
 from .naive import naive_attention
+from .reference import reference_attention, relative_error
 from .registry import (
     Backend,
     BackendUnsupportedError,
@@ -23,6 +24,7 @@ from .registry import (
     resolve_backend,
     set_default_backend,
     track_backends,
+    unregister_backend,
     use_backend,
 )
 from .sdpa import sdpa_attention
@@ -57,7 +59,10 @@ __all__ = [
     "resolve_backend",
     "sdpa_attention",
     "set_default_backend",
+    "reference_attention",
+    "relative_error",
     "track_backends",
+    "unregister_backend",
     "use_backend",
     "weights_from_lse",
 ]

@@ -16,9 +16,11 @@ MAX_CPU_HEAD_DIM = 256
 
 
 def _device_reason(device: str) -> str | None:
-    if device == "cuda" and not has_kernels_for("cuda"):
+    if has_kernels_for(device):
+        return None
+    if device == "cuda":
         return "the flash extension was built without CUDA kernels; rebuild it where nvcc and a CUDA torch are present"
-    return None
+    return f"the flash extension has no {device} kernels"
 
 
 FLASH_SUPPORT = BackendSupport(

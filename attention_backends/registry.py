@@ -71,6 +71,14 @@ def register_backend(
     return decorator
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (the default returns to 'sdpa' if it was the default)."""
+    get_backend(name)
+    del _REGISTRY[name]
+    if _DEFAULT["name"] == name:
+        _DEFAULT["name"] = "sdpa"
+
+
 def get_backend(name: str) -> Backend:
     """The backend registered as ``name``; ValueError listing the registered names if there is none."""
     try:
@@ -205,7 +213,9 @@ def _check_inputs(
                 f"got {tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: expected key_padding_mask on q's device {q.device}, got {key_padding_mask.device}")
+            raise ValueError(
+                f"attention: expected key_padding_mask on q's device {q.device}, got {key_padding_mask.device}"
+            )
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attention: expected attn_mask to be bool or floating point, got {attn_mask.dtype}")

@@ -1,0 +1,177 @@
+// Shared pieces of the CPU flash attention kernels: plain parameter structs (no torch headers), tile
+// sizes, the instruction-set choice at run time, and the macros that compile the kernel bodies once
+// per instruction set (flash_cpu_kernels.h is included inside each ISA region).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FLASH_CPU_X86 1
+#else
+#define FLASH_CPU_X86 0
+#endif
+
+// Multi-versioned kernels need GCC-style target pragmas and vector extensions; other compilers get the
+// portable build only.
+#if FLASH_CPU_X86 && defined(__GNUC__)
+#define FLASH_CPU_MULTI_ISA 1
+#else
+#define FLASH_CPU_MULTI_ISA 0
+#endif
+
+#if defined(__GNUC__)
+#define FLASH_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define FLASH_CPU_INLINE inline
+#endif
+
+namespace flash {
+namespace cpu {
+
+// Tile sizes (rows of a query tile, columns of a key tile). Shared by every instruction set so that the
+// task counts the dispatch code computes match the kernels.
+constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockK = 128;
+constexpr int64_t kBwdBlockQ = 64;
+constexpr int64_t kBwdBlockK = 64;
+
+enum class DType { kFloat32, kFloat64, kBFloat16 };
+
+// Element strides of a (B, H, N, D) tensor whose last dim has stride 1.
+struct Strides {
+  int64_t batch;
+  int64_t head;
+  int64_t row;
+};
+
+struct AttnParams {
+  DType dtype;
+  int64_t batch, heads_q, heads_kv, len_q, len_k, head_dim;
+  int64_t group;  // heads_q / heads_kv
+  double scale;
+  bool is_causal;
+
+  const void* q;
+  const void* k;
+  const void* v;
+  Strides q_stride, k_stride, v_stride;
+
+  // key_padding_mask (B, Nk), True = ignore; element strides. nullptr when absent.
+  const bool* kpm;
+  int64_t kpm_stride_b, kpm_stride_k;
+  // seqlens_k (B,) int32, element stride. nullptr when absent.
+  const int32_t* seqlens;
+  int64_t seqlens_stride;
+
+  // Number of visible keys of batch b before masking by key_padding_mask: seqlens_k[b] clamped into
+  // [0, Nk], else Nk.
+  int64_t key_limit(int64_t b) const {
+    if (seqlens == nullptr) return len_k;
+    const int64_t l = seqlens[b * seqlens_stride];
+    return std::min<int64_t>(std::max<int64_t>(l, 0), len_k);
+  }
+};
+
+struct FwdParams : AttnParams {
+  void* out;   // (B, Hq, Nq, D) contiguous, input dtype
+  float* lse;  // (B, Hq, Nq) contiguous
+};
+
+struct BwdParams : AttnParams {
+  const void* dout;
+  const void* out;
+  Strides dout_stride, out_stride;
+  const float* lse;  // (B, Hq, Nq) contiguous
+  // rowsum(dout * out) per query row, (B, Hq, Nq) contiguous, in the compute type (float or double).
+  void* delta;
+  // dq accumulator (B, Hq, Nq, D) contiguous in the compute type; it is the dq output itself for float32
+  // and float64 inputs.
+  void* dq_acc;
+  // dk, dv (B, Hkv, Nk, D) contiguous, input dtype.
+  void* dk;
+  void* dv;
+};
+
+// Kernel entry points of one instruction set; each runs a contiguous range of tasks.
+struct KernelTable {
+  const char* name;
+  // Forward: tasks (b, hq, query tile).
+  void (*fwd)(const FwdParams&, int64_t begin, int64_t end);
+  // Backward preprocessing: tasks (b, hq), fills delta.
+  void (*bwd_delta)(const BwdParams&, int64_t begin, int64_t end);
+  // Backward, one pass: tasks (b, hkv); dk, dv and dq of the group (dq accumulated in dq_acc).
+  void (*bwd_grouped)(const BwdParams&, int64_t begin, int64_t end);
+  // Backward, split: dk/dv over tasks (b, hkv, key tile), then dq over tasks (b, hq, query tile).
+  void (*bwd_dkdv)(const BwdParams&, int64_t begin, int64_t end);
+  void (*bwd_dq)(const BwdParams&, int64_t begin, int64_t end);
+};
+
+// 64-byte aligned scratch of n elements, freed on scope exit.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    const size_t bytes = ((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+    ptr_ = static_cast<T*>(::operator new(bytes, std::align_val_t(64)));
+  }
+  ~Scratch() { ::operator delete(ptr_, std::align_val_t(64)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// bfloat16 <-> float by bit manipulation (round to nearest even; NaN stays NaN).
+FLASH_CPU_INLINE float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+FLASH_CPU_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// The kernel table for the best instruction set this CPU supports. FLASH_ATTN_CPU_ISA=avx512|avx2|generic
+// forces one (if supported), for tests and measurements.
+const KernelTable& kernel_table();
+
+// True when FLASH_ATTN_POISON=1: outputs are filled with NaN before the kernels run.
+inline bool poison_outputs() {
+  const char* s = std::getenv("FLASH_ATTN_POISON");
+  return s != nullptr && s[0] == '1' && s[1] == '\0';
+}
+
+}  // namespace cpu
+}  // namespace flash
+
+// Per-ISA regions. FLASH_CPU_VBYTES is the vector width in bytes, FLASH_CPU_ISA_LEVEL picks the FMA
+// intrinsics (2: AVX-512, 1: AVX2, 0: portable).
+#if FLASH_CPU_MULTI_ISA
+#if defined(__clang__)
+#define FLASH_CPU_TARGET_PUSH(str) \
+  _Pragma("clang attribute push(__attribute__((target(" #str "))), apply_to = function)")
+#define FLASH_CPU_TARGET_POP _Pragma("clang attribute pop")
+#else
+#define FLASH_CPU_PRAGMA(x) _Pragma(#x)
+#define FLASH_CPU_TARGET_PUSH(str) \
+  _Pragma("GCC push_options") FLASH_CPU_PRAGMA(GCC target(str))
+#define FLASH_CPU_TARGET_POP _Pragma("GCC pop_options")
+#endif
+#endif

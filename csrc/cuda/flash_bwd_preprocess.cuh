@@ -1,0 +1,63 @@
+// The two small kernels around the main backward kernel:
+//   bwd_dot_do_o_kernel:   softmax_d[b, h, i] = sum_d dout[b, h, i, d] * out[b, h, i, d] (fp32);
+//   bwd_convert_dq_kernel: dq = dq_accum * scale, rounded to the element type.
+// Plain CUDA: no torch headers.
+#pragma once
+
+#include "flash_params.h"
+#include "flash_utils.cuh"
+
+namespace flash {
+
+// kThreadsPerRow threads (a power of two, <= 32) share one row; each reads 8 elements (16 bytes)
+// of dout and out per step.
+template <typename T, int kHeadDim, int kThreadsPerRow, int kNThreads>
+__global__ void __launch_bounds__(kNThreads) bwd_dot_do_o_kernel(const BwdParams params) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kRowsPerBlock = kNThreads / kThreadsPerRow;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  const int sub = threadIdx.x % kThreadsPerRow;
+  const int64_t rows = int64_t(params.batch) * params.heads_q * params.len_q;
+  float acc = 0.f;
+  if (row < rows) {
+    const int i = int(row % params.len_q);
+    const int64_t bh = row / params.len_q;
+    const int h = int(bh % params.heads_q);
+    const int b = int(bh / params.heads_q);
+    const T* dout = static_cast<const T*>(params.dout) + b * params.dout_stride.batch +
+                    h * params.dout_stride.head + i * params.dout_stride.row;
+    const T* out = static_cast<const T*>(params.out_saved) + b * params.out_stride.batch +
+                   h * params.out_stride.head + i * params.out_stride.row;
+#pragma unroll
+    for (int c = sub; c < kChunks; c += kThreadsPerRow) {
+      const uint4 x = *reinterpret_cast<const uint4*>(dout + c * 8);
+      const uint4 y = *reinterpret_cast<const uint4*>(out + c * 8);
+      const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
+      const uint32_t ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = ElemTraits<T>::unpack(xs[e]);
+        const float2 o = ElemTraits<T>::unpack(ys[e]);
+        acc = fmaf(a.x, o.x, fmaf(a.y, o.y, acc));
+      }
+    }
+  }
+#pragma unroll
+  for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (row < rows && sub == 0) params.softmax_d[row] = acc;
+}
+
+// 4 consecutive elements per thread (the head dim is a multiple of 8, so the total is too).
+template <typename T>
+__global__ void bwd_convert_dq_kernel(const BwdParams params, int64_t n4) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n4) return;
+  const float4 a = reinterpret_cast<const float4*>(params.dq_accum)[idx];
+  const float s = params.scale;
+  uint2 r;
+  r.x = ElemTraits<T>::pack(a.x * s, a.y * s);
+  r.y = ElemTraits<T>::pack(a.z * s, a.w * s);
+  reinterpret_cast<uint2*>(params.dq)[idx] = r;
+}
+
+}  // namespace flash

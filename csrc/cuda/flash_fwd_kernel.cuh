@@ -1,0 +1,365 @@
+// FlashAttention-2 forward kernel (mma.sync m16n8k16, fp32 accumulate) and its launcher run_fwd.
+// Plain CUDA: no torch headers. Tile shapes and the shared memory layout: kernel_traits.h;
+// fragment layouts: flash_utils.cuh.
+//
+// One block: kBlockM query rows of one (batch b, query head h). K/V tiles of kBlockN keys are
+// visited from the last visible one down to the first (tiles needing an element mask come first).
+// Per tile: S = Q K^T (scaled to log2 units), mask, online softmax in fp32 (running max m and
+// thread-partial row sums l), P rounded to the element type in registers and used directly as
+// the A operand of O += P V. At the end O / l is written as the element type and
+// lse = ln2 * (m + log2 l); a row without any visible key gets O = 0 and lse = +inf.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "flash_launch.h"
+#include "flash_params.h"
+#include "flash_utils.cuh"
+#include "kernel_traits.h"
+#include "static_switch.h"
+
+namespace flash {
+
+namespace fwd_detail {
+
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kPosInf = __builtin_huge_valf();
+constexpr float kLn2 = 0.69314718055994530942f;
+
+// Asynchronous copy of a [kRows][kHeadDim] tile (rows with index >= rows_valid are zero-filled)
+// from global memory (row stride row_stride elements, 16-byte aligned) to padded shared memory.
+// Thread tid copies the 16-byte chunks tid, tid + kNThreads, ... of the tile in row-major order.
+template <typename Traits, int kRows, typename Element>
+__device__ __forceinline__ void copy_tile_async(Element* smem, const Element* gmem, const Element* fallback,
+                                                int64_t row_stride, int rows_valid, int tid) {
+  constexpr int kChunks = kRows * Traits::kChunksPerRow;
+  static_assert(kChunks % Traits::kNThreads == 0, "tile copy must split evenly");
+#pragma unroll
+  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
+    const int idx = tid + i * Traits::kNThreads;
+    const int r = idx / Traits::kChunksPerRow;
+    const int c = idx % Traits::kChunksPerRow;
+    const bool pred = r < rows_valid;
+    const Element* src = pred ? gmem + r * row_stride + c * 8 : fallback;
+    cp_async_16(smem_u32(smem + r * Traits::kSmemPitch + c * 8), src, pred);
+  }
+}
+
+}  // namespace fwd_detail
+
+template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const FwdParams params) {
+  using ET = ElemTraits<Element>;
+  using namespace fwd_detail;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kPitch = Traits::kSmemPitch;
+  constexpr int kMFrags = Traits::kMFrags;
+  constexpr int kNFragsS = Traits::kNFragsS;
+  constexpr int kNFragsO = Traits::kNFragsO;
+  constexpr int kRowsPerWarp = Traits::kRowsPerWarp;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + Traits::kSmemQElems;
+  Element* sV = sK + Traits::kSmemKVElems;
+
+  const int m_block = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;  // accumulator row within a 16-row slab (and +8)
+  const int t = lane % 4;  // accumulator column pair within an n8 fragment
+
+  const int len_q = params.len_q;
+  const int len_k = params.len_k;
+  int seqlen_k = len_k;  // L: keys j >= L are invisible
+  if (params.seqlens_k != nullptr) seqlen_k = min(max(params.seqlens_k[b], 0), len_k);
+  const int diag = seqlen_k - len_q;  // causal: query i sees key j iff j <= i + diag
+
+  const int row0 = m_block * kBlockM;
+  if (row0 >= len_q) return;
+
+  // Number of key tiles holding at least one visible key for some row of this block.
+  int n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
+  if (kIsCausal) {
+    const int key_end = min(row0 + kBlockM, len_q) + diag;  // exclusive bound for the last row
+    n_block_max = min(n_block_max, key_end <= 0 ? 0 : (key_end + kBlockN - 1) / kBlockN);
+  }
+
+  const int h_kv = h / params.group;
+  const Element* q_ptr = static_cast<const Element*>(params.q) + b * params.q_stride.batch +
+                         h * params.q_stride.head;
+  const Element* k_ptr = static_cast<const Element*>(params.k) + b * params.k_stride.batch +
+                         h_kv * params.k_stride.head;
+  const Element* v_ptr = static_cast<const Element*>(params.v) + b * params.v_stride.batch +
+                         h_kv * params.v_stride.head;
+  const int64_t out_row_base = (static_cast<int64_t>(b) * params.heads_q + h) * len_q;
+  Element* o_ptr = static_cast<Element*>(params.out) + out_row_base * kHeadDim;
+  float* lse_ptr = params.lse + out_row_base;
+
+  if (n_block_max <= 0) {
+    // No key is visible to any row of this block: O = 0, lse = +inf.
+    for (int idx = tid; idx < kBlockM * Traits::kChunksPerRow; idx += Traits::kNThreads) {
+      const int r = idx / Traits::kChunksPerRow;
+      const int c = idx % Traits::kChunksPerRow;
+      if (row0 + r < len_q) {
+        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =
+            make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    for (int r = tid; r < kBlockM; r += Traits::kNThreads) {
+      if (row0 + r < len_q) lse_ptr[row0 + r] = kPosInf;
+    }
+    return;
+  }
+
+  const int64_t q_rs = params.q_stride.row;
+  const int64_t k_rs = params.k_stride.row;
+  const int64_t v_rs = params.v_stride.row;
+
+  // Q tile and the first (last visible) K tile.
+  copy_tile_async<Traits, kBlockM>(sQ, q_ptr + row0 * q_rs, q_ptr, q_rs, len_q - row0, tid);
+  cp_async_commit();
+  int n_block = n_block_max - 1;
+  copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(n_block) * kBlockN * k_rs, k_ptr,
+                                   k_rs, len_k - n_block * kBlockN, tid);
+  cp_async_commit();
+
+  // Per-lane ldmatrix addresses (see flash_utils.cuh for the lane -> row/col mapping).
+  const int warp_row = warp * kRowsPerWarp;
+  const uint32_t sQ_lane = smem_u32(sQ + (warp_row + lane % 16) * kPitch + (lane / 16) * 8);
+  const uint32_t sK_lane = smem_u32(sK + ((lane / 16) * 8 + lane % 8) * kPitch + ((lane / 8) % 2) * 8);
+  const uint32_t sV_lane = smem_u32(sV + (((lane / 8) % 2) * 8 + lane % 8) * kPitch + (lane / 16) * 8);
+  constexpr uint32_t kPitchBytes = kPitch * 2;
+
+  float acc_o[kMFrags][kNFragsO][4];
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+    for (int d = 0; d < kNFragsO; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mi][d][e] = 0.f;
+  // Running max (log2 units, scaled) and thread-partial row sums for rows g and g + 8 of each slab.
+  float row_max[kMFrags][2];
+  float row_sum[kMFrags][2];
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi) {
+    row_max[mi][0] = row_max[mi][1] = kNegInf;
+    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+  }
+
+  const float scale_log2 = params.scale_log2;
+  const unsigned char* kpm_row = nullptr;
+  if (kHasKpm) {
+    kpm_row = reinterpret_cast<const unsigned char*>(params.key_padding_mask) +
+              b * params.key_padding_mask_batch_stride;
+  }
+
+  for (; n_block >= 0; --n_block) {
+    const int col0 = n_block * kBlockN;
+
+    // Key padding bits of this thread's columns: bit 2 * j + e for column col0 + 8 j + 2 t + e.
+    uint32_t kpm_bits = 0;
+    if (kHasKpm) {
+#pragma unroll
+      for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + j * 8 + 2 * t + e;
+          if (col < len_k && __ldg(kpm_row + col) != 0) kpm_bits |= 1u << (2 * j + e);
+        }
+    }
+
+    float acc_s[kMFrags][kNFragsS][4];
+#pragma unroll
+    for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+      for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mi][j][e] = 0.f;
+
+    // K(n) (and Q) landed; every warp is done with V(n + 1): start copying V(n).
+    cp_async_wait<0>();
+    __syncthreads();
+    copy_tile_async<Traits, kBlockN>(sV, v_ptr + static_cast<int64_t>(col0) * v_rs, v_ptr, v_rs,
+                                     len_k - col0, tid);
+    cp_async_commit();
+
+    // S = Q K^T.
+#pragma unroll
+    for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
+      uint32_t qa[kMFrags][4];
+#pragma unroll
+      for (int mi = 0; mi < kMFrags; ++mi) {
+        ldmatrix_x4(qa[mi], sQ_lane + (mi * 16 * kPitchBytes) + kk * 32);
+      }
+#pragma unroll
+      for (int np = 0; np < kNFragsS / 2; ++np) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, sK_lane + np * 16 * kPitchBytes + kk * 32);
+#pragma unroll
+        for (int mi = 0; mi < kMFrags; ++mi) {
+          mma_16816<Element>(acc_s[mi][2 * np], qa[mi], kb[0], kb[1]);
+          mma_16816<Element>(acc_s[mi][2 * np + 1], qa[mi], kb[2], kb[3]);
+        }
+      }
+    }
+
+    // Scale to log2 units, then mask: keys >= L, above the causal diagonal, or padded.
+#pragma unroll
+    for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+      for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mi][j][e] *= scale_log2;
+
+    const bool need_limit_mask =
+        (col0 + kBlockN > seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+    if (kHasKpm || need_limit_mask) {
+#pragma unroll
+      for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          const int row = row0 + warp_row + mi * 16 + g + hi * 8;
+          int limit = seqlen_k;  // exclusive
+          if (kIsCausal) limit = min(limit, row + diag + 1);
+#pragma unroll
+          for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = col0 + j * 8 + 2 * t + e;
+              bool masked = col >= limit;
+              if (kHasKpm) masked = masked || ((kpm_bits >> (2 * j + e)) & 1u);
+              if (masked) acc_s[mi][j][hi * 2 + e] = kNegInf;
+            }
+        }
+    }
+
+    // V(n) landed; every warp is done with K(n): start copying K(n - 1).
+    cp_async_wait<0>();
+    __syncthreads();
+    if (n_block > 0) {
+      copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(col0 - kBlockN) * k_rs, k_ptr,
+                                       k_rs, len_k - (col0 - kBlockN), tid);
+      cp_async_commit();
+    }
+
+    // P in the element type: p_frag[mi][j][hi] holds columns (2t, 2t+1) of row g + 8 hi of n8
+    // fragment j, i.e. register hi of the accumulator layout's pairs.
+    uint32_t p_frag[kMFrags][kNFragsS][2];
+
+    // Online softmax. A row whose running max is still -inf has seen no visible key: its exp
+    // offset is 0, so every p is exp2(-inf) = 0 and the rescale factor is 0 (never inf - inf).
+#pragma unroll
+    for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        float mx = row_max[mi][hi];
+#pragma unroll
+        for (int j = 0; j < kNFragsS; ++j) {
+          mx = fmaxf(mx, fmaxf(acc_s[mi][j][hi * 2], acc_s[mi][j][hi * 2 + 1]));
+        }
+        mx = quad_allreduce_max(mx);
+        const float offset = (mx == kNegInf) ? 0.f : mx;
+        const float alpha = fast_exp2(row_max[mi][hi] - offset);
+        row_max[mi][hi] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kNFragsS; ++j) {
+          const float p0 = fast_exp2(acc_s[mi][j][hi * 2] - offset);
+          const float p1 = fast_exp2(acc_s[mi][j][hi * 2 + 1] - offset);
+          sum += p0 + p1;
+          p_frag[mi][j][hi] = ET::pack(p0, p1);
+        }
+        row_sum[mi][hi] = row_sum[mi][hi] * alpha + sum;
+#pragma unroll
+        for (int d = 0; d < kNFragsO; ++d) {
+          acc_o[mi][d][hi * 2] *= alpha;
+          acc_o[mi][d][hi * 2 + 1] *= alpha;
+        }
+      }
+
+    // O += P V: the S accumulators of n8 fragments 2 kk and 2 kk + 1 form the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < Traits::kKStepsPV; ++kk) {
+      uint32_t pa[kMFrags][4];
+#pragma unroll
+      for (int mi = 0; mi < kMFrags; ++mi) {
+        pa[mi][0] = p_frag[mi][2 * kk][0];
+        pa[mi][1] = p_frag[mi][2 * kk][1];
+        pa[mi][2] = p_frag[mi][2 * kk + 1][0];
+        pa[mi][3] = p_frag[mi][2 * kk + 1][1];
+      }
+#pragma unroll
+      for (int np = 0; np < kNFragsO / 2; ++np) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, sV_lane + kk * 16 * kPitchBytes + np * 32);
+#pragma unroll
+        for (int mi = 0; mi < kMFrags; ++mi) {
+          mma_16816<Element>(acc_o[mi][2 * np], pa[mi], vb[0], vb[1]);
+          mma_16816<Element>(acc_o[mi][2 * np + 1], pa[mi], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+
+  // Epilogue: normalise, write lse, stage O in this warp's rows of sQ, then 16-byte row stores.
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const float l = quad_allreduce_sum(row_sum[mi][hi]);
+      const bool empty = !(l > 0.f);
+      const float inv = empty ? 0.f : 1.f / l;
+      const int row_local = warp_row + mi * 16 + g + hi * 8;
+      if (t == 0 && row0 + row_local < len_q) {
+        lse_ptr[row0 + row_local] = empty ? kPosInf : (row_max[mi][hi] + __log2f(l)) * kLn2;
+      }
+      Element* srow = sQ + row_local * kPitch + 2 * t;
+#pragma unroll
+      for (int d = 0; d < kNFragsO; ++d) {
+        *reinterpret_cast<uint32_t*>(srow + d * 8) =
+            ET::pack(acc_o[mi][d][hi * 2] * inv, acc_o[mi][d][hi * 2 + 1] * inv);
+      }
+    }
+  __syncthreads();
+  constexpr int kOutChunks = kBlockM * Traits::kChunksPerRow;
+  static_assert(kOutChunks % Traits::kNThreads == 0, "output copy must split evenly");
+#pragma unroll
+  for (int i = 0; i < kOutChunks / Traits::kNThreads; ++i) {
+    const int idx = tid + i * Traits::kNThreads;
+    const int r = idx / Traits::kChunksPerRow;
+    const int c = idx % Traits::kChunksPerRow;
+    if (row0 + r < len_q) {
+      *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =
+          *reinterpret_cast<const uint4*>(sQ + r * kPitch + c * 8);
+    }
+  }
+}
+
+// Launcher: grid (query tiles, Hq, B). Requirements checked by the caller: B, Hq <= 65535,
+// len_q, len_k < 2^31, q/k/v base pointers and batch/head/row strides 16-byte aligned.
+template <typename Element, int HeadDim>
+void run_fwd(const FwdParams& params, cudaStream_t stream) {
+  using Traits = typename FwdConfig<HeadDim>::Traits;
+  const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const dim3 grid(num_m_blocks, params.heads_q, params.batch);
+  constexpr int kSmem = Traits::kSmemBytes;
+  BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+    BOOL_SWITCH(params.key_padding_mask != nullptr, kHasKpm, [&] {
+      auto kernel = &flash_fwd_kernel<Traits, Element, kIsCausal, kHasKpm>;
+      if (kSmem > 48 * 1024) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      }
+      kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+    });
+  });
+}
+
+}  // namespace flash

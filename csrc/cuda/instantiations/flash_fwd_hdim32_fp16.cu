@@ -1,0 +1,6 @@
+// Forward kernel instantiation: head dim 32, fp16.
+#include "../flash_fwd_kernel.cuh"
+
+namespace flash {
+template void run_fwd<__half, 32>(const FwdParams&, cudaStream_t);
+}  // namespace flash

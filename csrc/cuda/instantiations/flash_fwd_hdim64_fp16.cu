@@ -1,0 +1,6 @@
+// Forward kernel instantiation: head dim 64, fp16.
+#include "../flash_fwd_kernel.cuh"
+
+namespace flash {
+template void run_fwd<__half, 64>(const FwdParams&, cudaStream_t);
+}  // namespace flash

@@ -1,0 +1,298 @@
+"""Encoder and decoder stacks and a sequence-to-sequence ``Transformer`` with greedy decoding.
+
+All tensors are batch-first. Positions are fixed sinusoidal encodings (not learned), added to the token
+embeddings scaled by ``sqrt(d_model)``.
+
+Shapes::
+
+    src                    (B, S) token ids
+    tgt_in                 (B, T) token ids (BOS + target, padded)
+    src_key_padding_mask   (B, S) bool, True = padding
+    tgt_key_padding_mask   (B, T) bool, True = padding
+    logits                 (B, T, V)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .layers import Activation, DecoderLayer, EncoderLayer
+
+__all__ = ["Decoder", "Encoder", "SinusoidalPositionalEncoding", "Transformer"]
+
+
+class Encoder(nn.Module):
+    """A stack of ``EncoderLayer`` with a final LayerNorm when ``norm_first`` (pre-norm).
+
+    Args: ``num_layers`` plus the ``EncoderLayer`` arguments (batch-first).
+
+    Shape:
+        src: (B, S, E); src_key_padding_mask: (B, S) bool. returns (B, S, E).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        num_kv_heads: int | None = None,
+        backend: str | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                d_model, num_heads, dim_feedforward, dropout, activation, norm_first, layer_norm_eps,
+                batch_first=True, num_kv_heads=num_kv_heads, backend=backend, bias=bias,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+
+    def forward(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
+        x = src  # (B, S, E)
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=src_key_padding_mask)
+        return self.norm(x) if self.norm is not None else x
+
+
+class Decoder(nn.Module):
+    """A stack of ``DecoderLayer`` (causal self-attention) with a final LayerNorm when pre-norm.
+
+    Args: ``num_layers`` plus the ``DecoderLayer`` arguments (batch-first).
+
+    Shape:
+        tgt: (B, T, E); memory: (B, S, E); tgt_key_padding_mask: (B, T) bool;
+        memory_key_padding_mask: (B, S) bool. returns (B, T, E).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        num_kv_heads: int | None = None,
+        backend: str | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                d_model, num_heads, dim_feedforward, dropout, activation, norm_first, layer_norm_eps,
+                batch_first=True, num_kv_heads=num_kv_heads, backend=backend, bias=bias,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = tgt  # (B, T, E)
+        for layer in self.layers:
+            x = layer(
+                x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=True,
+            )
+        return self.norm(x) if self.norm is not None else x
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Fixed sine/cosine position encodings, added to the input.
+
+    Shape:
+        x: (B, N, E) with N <= max_len. returns (B, N, E).
+    """
+
+    def __init__(self, d_model: int, max_len: int) -> None:
+        super().__init__()
+        if d_model % 2 != 0:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (N, 1)
+        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        table = torch.zeros(max_len, d_model)  # (N, E)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq)
+        self.register_buffer("table", table, persistent=False)
+        self.max_len = max_len
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
+        return x + self.table[:n].to(x.dtype)  # (B, N, E)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer for token sequences.
+
+    Args:
+        src_vocab_size: source vocabulary size.
+        tgt_vocab_size: target vocabulary size ``V``.
+        d_model: model width ``E`` (even: sinusoidal positions).
+        num_heads: attention heads; ``d_model`` must be divisible by it.
+        num_encoder_layers: encoder depth.
+        num_decoder_layers: decoder depth.
+        dim_feedforward: feed-forward hidden width.
+        dropout: dropout probability (attention weights, sublayers, embeddings).
+        max_len: longest source or target sequence (size of the position table).
+        norm_first: pre-norm layers (with final norms) instead of post-norm.
+        activation: ``"relu"``, ``"gelu"`` or a callable.
+        tie_embeddings: share the output projection with the target embedding.
+        num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
+        pad_id: padding token id (emitted by ``generate`` after EOS).
+        backend: attention backend for every layer; None uses the registry default at call time.
+
+    Shape:
+        see the module docstring.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        d_model: int = 512,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        max_len: int = 512,
+        norm_first: bool = False,
+        activation: Activation = "relu",
+        tie_embeddings: bool = True,
+        num_kv_heads: int | None = None,
+        pad_id: int = 0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if src_vocab_size < 1 or tgt_vocab_size < 1:
+            raise ValueError(
+                f"vocab sizes must be positive, got src_vocab_size={src_vocab_size}, "
+                f"tgt_vocab_size={tgt_vocab_size}"
+            )
+        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if not 0 <= pad_id < tgt_vocab_size:
+            raise ValueError(f"pad_id ({pad_id}) must be a target token id in [0, {tgt_vocab_size})")
+        self.d_model = d_model
+        self.pad_id = pad_id
+        self.max_len = max_len
+        self.src_embed = nn.Embedding(src_vocab_size, d_model)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model)
+        self.positions = SinusoidalPositionalEncoding(d_model, max_len)
+        self.embed_dropout = nn.Dropout(dropout)
+        layer_kwargs = {
+            "d_model": d_model, "num_heads": num_heads, "dim_feedforward": dim_feedforward,
+            "dropout": dropout, "activation": activation, "norm_first": norm_first,
+            "num_kv_heads": num_kv_heads, "backend": backend,
+        }
+        self.encoder = Encoder(num_encoder_layers, **layer_kwargs)
+        self.decoder = Decoder(num_decoder_layers, **layer_kwargs)
+        self.output = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        self._reset_embeddings()
+        if tie_embeddings:
+            self.output.weight = self.tgt_embed.weight
+        self.tie_embeddings = tie_embeddings
+
+    def _reset_embeddings(self) -> None:
+        """Embeddings with std 1/sqrt(E): unit scale after the sqrt(E) factor, and sane tied logits."""
+        for embed in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(embed.weight, std=self.d_model**-0.5)
+
+    def _embed(self, embed: nn.Embedding, tokens: Tensor) -> Tensor:
+        x = embed(tokens) * math.sqrt(self.d_model)  # (B, N, E)
+        return self.embed_dropout(self.positions(x))
+
+    def encode(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
+        """Encoder output ``memory`` (B, S, E) for ``src`` (B, S)."""
+        return self.encoder(self._embed(self.src_embed, src), src_key_padding_mask)
+
+    def decode(
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) for ``tgt_in`` (B, T) given ``memory`` (B, S, E)."""
+        x = self.decoder(self._embed(self.tgt_embed, tgt_in), memory, tgt_key_padding_mask, memory_key_padding_mask)
+        return self.output(x)  # (B, T, V)
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt_in: Tensor,
+        src_key_padding_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher-forced logits (B, T, V)."""
+        if src.dim() != 2 or tgt_in.dim() != 2 or src.shape[0] != tgt_in.shape[0]:
+            raise ValueError(
+                f"src and tgt_in must be (B, S) and (B, T) token ids, got {tuple(src.shape)} and "
+                f"{tuple(tgt_in.shape)}"
+            )
+        memory = self.encode(src, src_key_padding_mask)  # (B, S, E)
+        return self.decode(tgt_in, memory, tgt_key_padding_mask, src_key_padding_mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        max_new_tokens: int,
+        bos_id: int,
+        eos_id: int,
+        src_key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Greedy decoding, re-running the decoder on the whole prefix each step (no KV cache).
+
+        Each sequence stops at its own EOS (which is emitted); after that it emits ``pad_id``. Decoding
+        ends early once every sequence has finished. Call ``eval()`` first to disable dropout.
+
+        Shape:
+            src: (B, S); src_key_padding_mask: (B, S) bool.
+            returns (B, T) generated tokens without the BOS, T <= max_new_tokens.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if max_new_tokens > self.max_len:
+            raise ValueError(
+                f"max_new_tokens ({max_new_tokens}) needs a prefix of up to {max_new_tokens} positions, "
+                f"more than max_len ({self.max_len})"
+            )
+        batch = src.shape[0]
+        memory = self.encode(src, src_key_padding_mask)  # (B, S, E)
+        ys = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)  # (B, 1)
+        finished = torch.zeros(batch, dtype=torch.bool, device=src.device)  # (B,)
+        for _ in range(max_new_tokens):
+            logits = self.decode(ys, memory, memory_key_padding_mask=src_key_padding_mask)  # (B, t, V)
+            next_token = logits[:, -1].argmax(dim=-1)  # (B,)
+            next_token = next_token.masked_fill(finished, self.pad_id)
+            ys = torch.cat([ys, next_token[:, None]], dim=1)
+            finished |= next_token == eos_id
+            if bool(finished.all()):
+                break
+        return ys[:, 1:]
