@@ -18,9 +18,9 @@
 #define FLASH_CPU_X86 0
 #endif
 
-// Multi-versioned kernels need GCC-style target pragmas and vector extensions; other compilers get the
-// portable build only.
-#if FLASH_CPU_X86 && defined(__GNUC__)
+// Multi-versioned kernels use GCC's target pragmas; other compilers build the portable kernels only
+// (still vectorised by GCC-style vector extensions where the compiler supports them).
+#if FLASH_CPU_X86 && defined(__GNUC__) && !defined(__clang__)
 #define FLASH_CPU_MULTI_ISA 1
 #else
 #define FLASH_CPU_MULTI_ISA 0
@@ -99,18 +99,55 @@ struct BwdParams : AttnParams {
   void* dv;
 };
 
-// Kernel entry points of one instruction set; each runs a contiguous range of tasks.
-struct KernelTable {
-  const char* name;
-  // Forward: tasks (b, hq, query tile).
-  void (*fwd)(const FwdParams&, int64_t begin, int64_t end);
-  // Backward preprocessing: tasks (b, hq), fills delta.
-  void (*bwd_delta)(const BwdParams&, int64_t begin, int64_t end);
-  // Backward, one pass: tasks (b, hkv); dk, dv and dq of the group (dq accumulated in dq_acc).
-  void (*bwd_grouped)(const BwdParams&, int64_t begin, int64_t end);
-  // Backward, split: dk/dv over tasks (b, hkv, key tile), then dq over tasks (b, hq, query tile).
-  void (*bwd_dkdv)(const BwdParams&, int64_t begin, int64_t end);
-  void (*bwd_dq)(const BwdParams&, int64_t begin, int64_t end);
+// Instruction sets with their own build of the kernels.
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+// The best instruction set this CPU supports, capped by FLASH_ATTN_CPU_ISA=avx512|avx2|generic when
+// set (for tests and measurements).
+inline Isa select_isa() {
+  Isa best = Isa::kGeneric;
+#if FLASH_CPU_MULTI_ISA
+  static const Isa supported = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kGeneric;
+  }();
+  best = supported;
+#endif
+  const char* env = std::getenv("FLASH_ATTN_CPU_ISA");
+  if (env != nullptr) {
+    Isa cap = best;
+    if (std::strcmp(env, "generic") == 0) cap = Isa::kGeneric;
+    else if (std::strcmp(env, "avx2") == 0) cap = Isa::kAvx2;
+    else if (std::strcmp(env, "avx512") == 0) cap = Isa::kAvx512;
+    if (static_cast<int>(cap) < static_cast<int>(best)) best = cap;
+  }
+  return best;
+}
+
+// Kernel entry points; each runs a contiguous range of tasks.
+// Forward: tasks (b, hq, query tile of kFwdBlockQ rows).
+using FwdFn = void (*)(const FwdParams&, int64_t begin, int64_t end);
+// Backward: delta tasks (b, hq); grouped tasks (b, hkv) computing dk, dv and the group's dq in one pass;
+// split passes: dkdv tasks (b, hkv, key tile of kBwdBlockK rows), dq tasks (b, hq, query tile).
+using BwdFn = void (*)(const BwdParams&, int64_t begin, int64_t end);
+struct BwdKernels {
+  BwdFn delta;
+  BwdFn grouped;
+  BwdFn dkdv;
+  BwdFn dq;
 };
 
 // 64-byte aligned scratch of n elements, freed on scope exit.
@@ -148,10 +185,6 @@ FLASH_CPU_INLINE uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// The kernel table for the best instruction set this CPU supports. FLASH_ATTN_CPU_ISA=avx512|avx2|generic
-// forces one (if supported), for tests and measurements.
-const KernelTable& kernel_table();
-
 // True when FLASH_ATTN_POISON=1: outputs are filled with NaN before the kernels run.
 inline bool poison_outputs() {
   const char* s = std::getenv("FLASH_ATTN_POISON");
@@ -160,18 +193,3 @@ inline bool poison_outputs() {
 
 }  // namespace cpu
 }  // namespace flash
-
-// Per-ISA regions. FLASH_CPU_VBYTES is the vector width in bytes, FLASH_CPU_ISA_LEVEL picks the FMA
-// intrinsics (2: AVX-512, 1: AVX2, 0: portable).
-#if FLASH_CPU_MULTI_ISA
-#if defined(__clang__)
-#define FLASH_CPU_TARGET_PUSH(str) \
-  _Pragma("clang attribute push(__attribute__((target(" #str "))), apply_to = function)")
-#define FLASH_CPU_TARGET_POP _Pragma("clang attribute pop")
-#else
-#define FLASH_CPU_PRAGMA(x) _Pragma(#x)
-#define FLASH_CPU_TARGET_PUSH(str) \
-  _Pragma("GCC push_options") FLASH_CPU_PRAGMA(GCC target(str))
-#define FLASH_CPU_TARGET_POP _Pragma("GCC pop_options")
-#endif
-#endif

@@ -28,22 +28,42 @@ constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.69314718055994530942f;
 
-// Asynchronous copy of a [kRows][kHeadDim] tile (rows with index >= rows_valid are zero-filled)
-// from global memory (row stride row_stride elements, 16-byte aligned) to padded shared memory.
-// Thread tid copies the 16-byte chunks tid, tid + kNThreads, ... of the tile in row-major order.
+// Asynchronous copy of a [kRows][kHeadDim] tile (rows with index >= rows_valid, at least 1, are
+// zero-filled) from global memory (row stride row_stride elements, 16-byte aligned) to padded
+// shared memory. The tile is cut into 16-byte chunks in row-major order; thread tid copies chunks
+// tid, tid + kNThreads, ... When a row's chunk count divides kNThreads, a thread keeps one column
+// and walks rows with a running pointer (cheap addressing, few live registers).
 template <typename Traits, int kRows, typename Element>
-__device__ __forceinline__ void copy_tile_async(Element* smem, const Element* gmem, const Element* fallback,
-                                                int64_t row_stride, int rows_valid, int tid) {
-  constexpr int kChunks = kRows * Traits::kChunksPerRow;
-  static_assert(kChunks % Traits::kNThreads == 0, "tile copy must split evenly");
+__device__ __forceinline__ void copy_tile_async(Element* smem, const Element* gmem, int64_t row_stride,
+                                                int rows_valid, int tid) {
+  constexpr int kCpr = Traits::kChunksPerRow;
+  constexpr int kThreads = Traits::kNThreads;
+  constexpr int kChunks = kRows * kCpr;
+  static_assert(kChunks % kThreads == 0, "tile copy must split evenly");
+  if constexpr (kThreads % kCpr == 0) {
+    constexpr int kRowsPerIter = kThreads / kCpr;
+    static_assert(kRows % kRowsPerIter == 0, "tile copy must split evenly");
+    const int r0 = tid / kCpr;
+    const int c = tid % kCpr;
+    const Element* src = gmem + r0 * row_stride + c * 8;
+    const uint32_t dst = smem_u32(smem + r0 * Traits::kSmemPitch + c * 8);
+    const int rows_left = rows_valid - r0;  // compared with constants below
 #pragma unroll
-  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
-    const int idx = tid + i * Traits::kNThreads;
-    const int r = idx / Traits::kChunksPerRow;
-    const int c = idx % Traits::kChunksPerRow;
-    const bool pred = r < rows_valid;
-    const Element* src = pred ? gmem + r * row_stride + c * 8 : fallback;
-    cp_async_16(smem_u32(smem + r * Traits::kSmemPitch + c * 8), src, pred);
+    for (int i = 0; i < kRows / kRowsPerIter; ++i) {
+      const bool pred = i * kRowsPerIter < rows_left;
+      cp_async_16(dst + i * kRowsPerIter * Traits::kSmemPitch * 2, pred ? src : gmem, pred);
+      src += kRowsPerIter * row_stride;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      const int r = idx / kCpr;
+      const int c = idx % kCpr;
+      const bool pred = r < rows_valid;
+      const Element* src = pred ? gmem + r * row_stride + c * 8 : gmem;
+      cp_async_16(smem_u32(smem + r * Traits::kSmemPitch + c * 8), src, pred);
+    }
   }
 }
 
@@ -124,11 +144,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
   const int64_t v_rs = params.v_stride.row;
 
   // Q tile and the first (last visible) K tile.
-  copy_tile_async<Traits, kBlockM>(sQ, q_ptr + row0 * q_rs, q_ptr, q_rs, len_q - row0, tid);
+  copy_tile_async<Traits, kBlockM>(sQ, q_ptr + row0 * q_rs, q_rs, len_q - row0, tid);
   cp_async_commit();
   int n_block = n_block_max - 1;
-  copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(n_block) * kBlockN * k_rs, k_ptr,
-                                   k_rs, len_k - n_block * kBlockN, tid);
+  copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(n_block) * kBlockN * k_rs, k_rs,
+                                   len_k - n_block * kBlockN, tid);
   cp_async_commit();
 
   // Per-lane ldmatrix addresses (see flash_utils.cuh for the lane -> row/col mapping).
@@ -187,7 +207,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
     // K(n) (and Q) landed; every warp is done with V(n + 1): start copying V(n).
     cp_async_wait<0>();
     __syncthreads();
-    copy_tile_async<Traits, kBlockN>(sV, v_ptr + static_cast<int64_t>(col0) * v_rs, v_ptr, v_rs,
+    copy_tile_async<Traits, kBlockN>(sV, v_ptr + static_cast<int64_t>(col0) * v_rs, v_rs,
                                      len_k - col0, tid);
     cp_async_commit();
 
@@ -245,8 +265,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
     cp_async_wait<0>();
     __syncthreads();
     if (n_block > 0) {
-      copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(col0 - kBlockN) * k_rs, k_ptr,
-                                       k_rs, len_k - (col0 - kBlockN), tid);
+      copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(col0 - kBlockN) * k_rs, k_rs,
+                                       len_k - (col0 - kBlockN), tid);
       cp_async_commit();
     }
 

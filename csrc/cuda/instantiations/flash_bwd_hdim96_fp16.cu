@@ -1,0 +1,4 @@
+// Backward kernels for head dim 96, fp16.
+#include "flash_bwd_kernel.cuh"
+
+template void flash::run_bwd<__half, 96>(const flash::BwdParams&, cudaStream_t);

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
+# Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: all)
+# Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+stages=${*:-build tests sanitize bench train}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+summary="$OUT/summary.txt"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+note "date: $(date -u +%F) device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) torch: $(python3 -c 'import torch; print(torch.__version__)')"
+if [[ " $stages " == *" build "* ]]; then
+  start=$(date +%s)
+  MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  rc=$?
+  note "build: rc=$rc in $(( $(date +%s) - start )) s"
+  if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; fi
+fi
+if [[ " $stages " == *" tests "* ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py tests/test_backends.py > "$OUT/tests.log" 2>&1
+  note "tests: $(tail -1 "$OUT/tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+fi
+if [[ " $stages " == *" sanitize "* ]]; then
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_case.py > "$OUT/sanitize_$tool.log" 2>&1
+    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+  done
+fi
+if [[ " $stages " == *" train "* ]]; then
+  timeout 300 python3 train.py attention=flash attention.strict=true precision=bf16 hydra.run.dir="$OUT/train_flash" > "$OUT/train_flash.log" 2>&1
+  note "train attention=flash (bf16, strict): rc=$? $(python3 -c "import json;m=json.load(open('$OUT/train_flash/metrics.json'));print({k:m[k] for k in ('backend','eval_sequence_accuracy','tokens_per_second','train_time_s') if k in m})" 2>&1 | tail -1)"
+fi
+if [[ " $stages " == *" bench "* ]]; then
+  python3 scripts/bench_flash_cuda.py > "$OUT/bench.log" 2>&1
+  note "bench: rc=$?"
+  cat "$OUT/bench.log" | tail -40 >> "$summary"
+fi
+echo "==== summary"
+cat "$summary"

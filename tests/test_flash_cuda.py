@@ -1,0 +1,157 @@
+"""The CUDA flash kernels (fp16, bf16) against the float64 reference; skipped without a GPU.
+
+Pass rule: the kernel's error (‖out − ref‖ / ‖ref‖, forward and each gradient) is at most 2x the error of
+PyTorch SDPA on the same inputs (SDPA fed through the sdpa backend, which applies the same masks).
+Outputs are poisoned with NaN (FLASH_ATTN_POISON=1) so an unwritten element fails the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_backends as ab
+from attention_backends import reference_attention, relative_error
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [32, 64, 96, 128, 256]
+# (B, Hq, Hkv, Nq, Nk)
+SHAPES = [(1, 1, 1, 1, 1), (2, 4, 2, 7, 129), (1, 2, 1, 129, 7), (2, 3, 3, 200, 200), (1, 8, 1, 65, 300)]
+MASKS = ["none", "causal", "padding", "padding+causal"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_POISON", "1")
+
+
+def make(shape, head_dim, dtype, mask_kind, seed, non_contiguous=False):
+    batch, heads_q, heads_kv, len_q, len_k = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(heads, length):
+        if non_contiguous:  # (B, N, H, D) storage viewed as (B, H, N, D)
+            return torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen).transpose(1, 2).to(dtype)
+        return torch.randn(batch, heads, length, head_dim, device="cuda", generator=gen).to(dtype)
+
+    q, k, v = rand(heads_q, len_q), rand(heads_kv, len_k), rand(heads_kv, len_k)
+    kwargs = {"is_causal": "causal" in mask_kind}
+    if "padding" in mask_kind:
+        pad = torch.rand(batch, len_k, device="cuda", generator=gen) < 0.25
+        pad[0, : len_k // 2] = True
+        if batch > 1:
+            pad[1] = True  # a fully padded sequence
+        kwargs["key_padding_mask"] = pad
+    return q, k, v, kwargs
+
+
+def errors(backend, q, k, v, kwargs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, _ = ab.attention(*leaves, backend=backend, strict=True, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads
+
+
+def check_against_sdpa(q, k, v, kwargs):
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = reference_attention(*leaves, **kwargs)
+    grad_out = torch.randn_like(q)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    out, grads = errors("flash", q, k, v, kwargs, grad_out)
+    sdpa_out, sdpa_grads = errors("sdpa", q, k, v, kwargs, grad_out)
+    assert torch.isfinite(out).all(), "forward has NaN/inf (unwritten or poisoned elements)"
+    assert relative_error(out, ref) <= 2 * relative_error(sdpa_out, ref) + 1e-6, (
+        relative_error(out, ref), relative_error(sdpa_out, ref))
+    for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all(), f"d{name} has NaN/inf"
+        assert relative_error(g, r) <= 2 * relative_error(s, r) + 1e-6, (
+            name, relative_error(g, r), relative_error(s, r))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_within_twice_sdpa(shape, mask_kind, head_dim, dtype):
+    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=hash((shape, mask_kind, head_dim)) % 2**31)
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    q, k, v, kwargs = make((2, 4, 2, 77, 131), 64, dtype, "padding+causal", seed=1, non_contiguous=True)
+    assert not q.is_contiguous()
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_sequence(dtype):
+    q, k, v, kwargs = make((1, 2, 2, 1000, 2049), 128, dtype, "causal", seed=2)
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqlens_k_masks_and_aligns_causal(causal):
+    batch, heads, len_q, len_k, head_dim = 3, 2, 5, 40, 64
+    q = torch.randn(batch, heads, len_q, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, heads, len_k, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lengths = torch.tensor([40, 17, 3], device="cuda", dtype=torch.int32)
+    out, lse = torch.ops.flash_attn.fwd(q, k, v, None, lengths, head_dim**-0.5, causal)
+    for b, length in enumerate(lengths.tolist()):
+        ref, _ = reference_attention(q[b : b + 1, :, :, :], k[b : b + 1, :, :length], v[b : b + 1, :, :length],
+                                     is_causal=causal)
+        assert relative_error(out[b : b + 1], ref) < 2e-2
+
+
+def test_fully_masked_rows_are_zero_with_finite_gradients():
+    q = torch.randn(2, 2, 9, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(2, 2, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    v = torch.randn(2, 2, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    pad = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
+    pad[1] = True
+    out, _ = ab.attention(q, k, v, backend="flash", strict=True, is_causal=True, key_padding_mask=pad)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[0, :, :5], torch.zeros_like(out[0, :, :5]))  # Nq > Nk: rows 0..4 see no key
+    out.float().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_opcheck_cuda():
+    q = torch.randn(2, 4, 33, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 47, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 47, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pad = torch.rand(2, 47, device="cuda") < 0.2
+    torch.library.opcheck(torch.ops.flash_attn.fwd.default, (q, k, v, pad, None, 0.125, True))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda q, k, v: (q.float(), k.float(), v.float()), TypeError, "float16 or bfloat16"),
+        (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), ValueError, "head dim"),
+        (lambda q, k, v: (q, k.cpu(), v), ValueError, "device"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of the key/value heads"),
+        (lambda q, k, v: (q.transpose(2, 3), k, v), ValueError, "contiguous last dim|head dim|share"),
+    ],
+)
+def test_bad_inputs_raise_before_launch(change, error, match):
+    q = torch.randn(2, 4, 16, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 2, 16, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(2, 2, 16, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(error, match=match):
+        torch.ops.flash_attn.fwd(*change(q, k, v), None, None, 0.125, False)
+    torch.cuda.synchronize()
+
+
+def test_float32_on_cuda_falls_back_to_sdpa():
+    q = torch.randn(1, 2, 8, 64, device="cuda")
+    with ab.track_backends() as used:
+        ab.attention(q, q, q, backend="flash")
+    assert used == {"sdpa": 1}
