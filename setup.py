@@ -30,9 +30,9 @@ setup(
     version="0.1.0",
     description="An encoder/decoder Transformer with pluggable attention backends and FlashAttention kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["attention_backends", "transformer"]),
+    packages=find_packages(include=["attention_backends", "transformer", "benchmarks"]),
     install_requires=["torch>=2.5", "einops>=0.7", "hydra-core>=1.3", "tqdm>=4.60"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "bench": ["matplotlib>=3.7"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.7"], "bench": ["matplotlib>=3.7"]},
     ext_modules=[
         extension_class(
             name="attention_backends._C",

@@ -1,0 +1,1 @@
+"""Benchmarks: the attention backends timed over a grid of shapes (``python bench.py``, docs/benchmark.md)."""
