@@ -31,12 +31,12 @@ def include_dirs() -> list[str]:
 def cxx_flags() -> list[str]:
     """-march defaults to native: the extension is built on the machine that runs it (FLASH_ATTN_CPU_ARCH overrides)."""
     arch = os.environ.get("FLASH_ATTN_CPU_ARCH", "native")
-    return ["-O3", "-std=c++17", "-fopenmp", f"-march={arch}"]
+    return ["-O3", "-fopenmp", f"-march={arch}"]  # the C++ standard is torch's own choice
 
 
 def nvcc_flags() -> list[str]:
     """sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST names the archs (then torch adds the -gencode flags)."""
-    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         flags += DEFAULT_CUDA_ARCH_FLAGS
     return flags

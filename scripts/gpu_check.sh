@@ -23,7 +23,11 @@ if [[ " $stages " == *" build "* ]]; then
   if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; fi
 fi
 if [[ " $stages " == *" tests "* ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py tests/test_backends.py > "$OUT/tests.log" 2>&1
+  # Error-path tests first and apart: a crash there must not hide the rest.
+  python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "bad_inputs" > "$OUT/tests_errors.log" 2>&1
+  note "tests (bad inputs): rc=$? $(tail -1 "$OUT/tests_errors.log")"
+  python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py tests/test_backends.py -k "not bad_inputs" \
+    > "$OUT/tests.log" 2>&1
   note "tests: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
 fi

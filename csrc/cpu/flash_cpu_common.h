@@ -1,6 +1,7 @@
-// Shared pieces of the CPU flash attention kernels: plain parameter structs (no torch headers), tile
-// sizes, the instruction-set choice at run time, and the macros that compile the kernel bodies once
-// per instruction set (flash_cpu_kernels.h is included inside each ISA region).
+// Shared pieces of the CPU flash attention: plain parameter structs read by the kernels, tile sizes, the
+// instruction-set choice at run time, scratch buffers, and the helpers that turn the op's tensors into
+// parameters. The kernel bodies (flash_*_cpu_kernel.h) are compiled once per instruction set and see only
+// the plain parts.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,11 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
+
+#include <ATen/core/Tensor.h>
+
+#include "../flash_checks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -37,10 +43,16 @@ namespace cpu {
 
 // Tile sizes (rows of a query tile, columns of a key tile). Shared by every instruction set so that the
 // task counts the dispatch code computes match the kernels.
-constexpr int64_t kFwdBlockQ = 64;
-constexpr int64_t kFwdBlockK = 128;
-constexpr int64_t kBwdBlockQ = 64;
-constexpr int64_t kBwdBlockK = 64;
+#ifndef FLASH_CPU_TUNE
+#define FLASH_CPU_FWD_BQ 64
+#define FLASH_CPU_FWD_BK 128
+#define FLASH_CPU_BWD_BQ 64
+#define FLASH_CPU_BWD_BK 64
+#endif
+constexpr int64_t kFwdBlockQ = FLASH_CPU_FWD_BQ;
+constexpr int64_t kFwdBlockK = FLASH_CPU_FWD_BK;
+constexpr int64_t kBwdBlockQ = FLASH_CPU_BWD_BQ;
+constexpr int64_t kBwdBlockK = FLASH_CPU_BWD_BK;
 
 enum class DType { kFloat32, kFloat64, kBFloat16 };
 
@@ -91,6 +103,10 @@ struct BwdParams : AttnParams {
   const float* lse;  // (B, Hq, Nq) contiguous
   // rowsum(dout * out) per query row, (B, Hq, Nq) contiguous, in the compute type (float or double).
   void* delta;
+  // float64 only: the log-sum-exp recomputed in float64, in base 2 (log2 of the row's sum of
+  // 2^(scores * log2(e))), (B, Hq, Nq); the float32 lse would limit the gradients to float32 accuracy.
+  // nullptr otherwise.
+  void* lse2_exact;
   // dq accumulator (B, Hq, Nq, D) contiguous in the compute type; it is the dq output itself for float32
   // and float64 inputs.
   void* dq_acc;
@@ -145,6 +161,7 @@ using FwdFn = void (*)(const FwdParams&, int64_t begin, int64_t end);
 using BwdFn = void (*)(const BwdParams&, int64_t begin, int64_t end);
 struct BwdKernels {
   BwdFn delta;
+  BwdFn lse_exact;  // tasks (b, hq, query tile), fills lse2_exact (float64 only)
   BwdFn grouped;
   BwdFn dkdv;
   BwdFn dq;
@@ -170,6 +187,11 @@ class Scratch {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Tile order 0, n-1, 1, n-2, ...: with causal masking the cost of a tile grows with (or shrinks with) its
+// index, and at::parallel_for hands each thread a contiguous range of tasks; interleaving both ends keeps
+// the ranges balanced even for a single (batch, head).
+inline int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
+
 // bfloat16 <-> float by bit manipulation (round to nearest even; NaN stays NaN).
 FLASH_CPU_INLINE float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -189,6 +211,61 @@ FLASH_CPU_INLINE uint16_t float_to_bf16(float f) {
 inline bool poison_outputs() {
   const char* s = std::getenv("FLASH_ATTN_POISON");
   return s != nullptr && s[0] == '1' && s[1] == '\0';
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dispatch-side helpers (torch tensors to plain parameters).
+
+// Dtype and head-dim checks of the CPU kernels (raise before any work starts).
+inline DType check_cpu_dtype_and_head_dim(const char* op, const at::Tensor& q, int64_t head_dim) {
+  DType dtype;
+  switch (q.scalar_type()) {
+    case at::kFloat: dtype = DType::kFloat32; break;
+    case at::kDouble: dtype = DType::kFloat64; break;
+    case at::kBFloat16: dtype = DType::kBFloat16; break;
+    default:
+      FLASH_CHECK_TYPE(false, op, ": expected q to be float32, float64 or bfloat16 on CPU, got ",
+                       q.scalar_type());
+  }
+  FLASH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256, op,
+                    ": expected the head dim D to be in 1..256 on CPU, got D = ", head_dim);
+  return dtype;
+}
+
+// Fills the fields shared by the forward and backward parameters.
+inline void fill_attn_params(AttnParams& p, DType dtype, const AttnShape& s, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+                      const std::optional<at::Tensor>& seqlens_k, double scale, bool is_causal) {
+  p.dtype = dtype;
+  p.batch = s.batch;
+  p.heads_q = s.heads_q;
+  p.heads_kv = s.heads_kv;
+  p.len_q = s.len_q;
+  p.len_k = s.len_k;
+  p.head_dim = s.head_dim;
+  p.group = s.heads_kv > 0 ? s.heads_q / s.heads_kv : 1;
+  p.scale = scale;
+  p.is_causal = is_causal;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = {q.stride(0), q.stride(1), q.stride(2)};
+  p.k_stride = {k.stride(0), k.stride(1), k.stride(2)};
+  p.v_stride = {v.stride(0), v.stride(1), v.stride(2)};
+  p.kpm = nullptr;
+  p.kpm_stride_b = 0;
+  p.kpm_stride_k = 1;
+  if (key_padding_mask.has_value()) {
+    p.kpm = key_padding_mask->data_ptr<bool>();
+    p.kpm_stride_b = key_padding_mask->stride(0);
+    p.kpm_stride_k = key_padding_mask->stride(1);
+  }
+  p.seqlens = nullptr;
+  p.seqlens_stride = 1;
+  if (seqlens_k.has_value()) {
+    p.seqlens = seqlens_k->data_ptr<int32_t>();
+    p.seqlens_stride = seqlens_k->stride(0);
+  }
 }
 
 }  // namespace cpu

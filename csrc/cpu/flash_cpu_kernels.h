@@ -17,13 +17,15 @@ struct Simd;
 template <>
 struct Simd<float> {
   using V = vfloat;
-  using I = vint32;
+  using I = vint32;  // integer vector with the same lanes
+  using IE = int32_t;
   static constexpr int L = FLASH_CPU_VBYTES / 4;
 };
 template <>
 struct Simd<double> {
   using V = vdouble;
   using I = vint64;
+  using IE = int64_t;
   static constexpr int L = FLASH_CPU_VBYTES / 8;
 };
 
@@ -46,12 +48,32 @@ template <typename V>
 FLASH_CPU_INLINE void vstore(void* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
+// Broadcast. (A lane-by-lane loop would compile to one masked insert per lane.)
 template <typename V, typename T>
-FLASH_CPU_INLINE V vset1(T x) {
-  V v;
-#pragma GCC unroll 64
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(T)); ++i) v[i] = x;
-  return v;
+FLASH_CPU_INLINE V vset1(T x);
+template <>
+FLASH_CPU_INLINE vfloat vset1<vfloat, float>(float x) {
+#if FLASH_CPU_ISA_LEVEL >= 2
+  return (vfloat)_mm512_set1_ps(x);
+#elif FLASH_CPU_ISA_LEVEL == 1
+  return (vfloat)_mm256_set1_ps(x);
+#elif FLASH_CPU_X86
+  return (vfloat)_mm_set1_ps(x);
+#else
+  return vfloat{} + x;
+#endif
+}
+template <>
+FLASH_CPU_INLINE vdouble vset1<vdouble, double>(double x) {
+#if FLASH_CPU_ISA_LEVEL >= 2
+  return (vdouble)_mm512_set1_pd(x);
+#elif FLASH_CPU_ISA_LEVEL == 1
+  return (vdouble)_mm256_set1_pd(x);
+#elif FLASH_CPU_X86
+  return (vdouble)_mm_set1_pd(x);
+#else
+  return vdouble{} + x;
+#endif
 }
 
 FLASH_CPU_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) {
@@ -166,11 +188,6 @@ static void gemm_micro(int64_t K, const T* __restrict A, int64_t sam, int64_t sa
 template <typename T, bool ACC>
 using GemmMicroFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t);
 
-template <typename T, bool ACC, int MR, int... NVs>
-struct GemmRow {
-  static constexpr GemmMicroFn<T, ACC> fns[sizeof...(NVs)] = {&gemm_micro<T, MR, NVs, ACC>...};
-};
-
 template <typename T, bool ACC>
 FLASH_CPU_INLINE GemmMicroFn<T, ACC> gemm_micro_fn(int mr, int nv) {
   // mr in 1..kMR, nv in 1..kNV.
@@ -217,9 +234,6 @@ static void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64
 
 // ---------------------------------------------------------------------------------------------------
 // Loads and stores with conversion. Storage types: float, double, uint16_t (bfloat16 bits).
-
-template <typename T>
-FLASH_CPU_INLINE T to_compute(float x) { return static_cast<T>(x); }
 
 template <typename S, typename T>
 FLASH_CPU_INLINE T load_elem(const S* p) {
@@ -300,4 +314,95 @@ FLASH_CPU_INLINE int64_t visible_in_tile(int64_t i, int64_t j0, int64_t bk, int6
   int64_t end = limit;
   if (causal) end = std::min(end, i + limit - len_q + 1);
   return std::min(std::max<int64_t>(end - j0, 0), bk);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Softmax rows. Scores are in base-2 units (q was scaled by scale * log2(e)).
+
+template <typename T>
+FLASH_CPU_INLINE typename Simd<T>::V lane_index() {
+  typename Simd<T>::V v;
+  for (int i = 0; i < Simd<T>::L; ++i) v[i] = static_cast<T>(i);
+  return v;
+}
+
+// One row of the forward's online softmax over a key tile. s holds the row's scores in columns
+// [0, ncols_p) (ncols_p a multiple of the vector length); columns [n, ncols_p) are not visible, and
+// bias (0 or -inf per column, or nullptr) adds the padding mask. Updates the running max m and sum l,
+// overwrites s with the unnormalised probabilities (0 where not visible) and returns the factor by
+// which the row's output accumulator must be rescaled.
+template <typename T>
+FLASH_CPU_INLINE T softmax_row_fwd(T* __restrict s, int64_t n, int64_t ncols_p, const T* __restrict bias,
+                                   T& m, T& l) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t nfull = (n / L) * L;
+  V vm = vset1<V>(kNegInf);
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < nfull; j += L) {
+      const V x = vload<V>(s + j) + vload<V>(bias + j);
+      vstore(s + j, x);
+      vm = vmax(vm, x);
+    }
+  } else {
+    for (int64_t j = 0; j < nfull; j += L) vm = vmax(vm, vload<V>(s + j));
+  }
+  if (nfull < n) {
+    V x = vload<V>(s + nfull);
+    if (bias != nullptr) x += vload<V>(bias + nfull);
+    x = lane_index<T>() < vset1<V>(static_cast<T>(n - nfull)) ? x : vset1<V>(kNegInf);
+    vstore(s + nfull, x);
+    vm = vmax(vm, x);
+  }
+  const T m_tile = hmax<T>(vm);
+  const T m_new = m_tile > m ? m_tile : m;
+  if (m_new == kNegInf) {
+    std::fill(s, s + ncols_p, T(0));
+    return T(1);
+  }
+  const T alpha = (m == m_new) ? T(1) : std::exp2(m - m_new);
+  const int64_t nv_end = round_up(n, L);
+  const V vmn = vset1<V>(m_new);
+  V vsum = V{};
+  for (int64_t j = 0; j < nv_end; j += L) {
+    const V e = vexp2(vload<V>(s + j) - vmn);
+    vstore(s + j, e);
+    vsum += e;
+  }
+  for (int64_t j = nv_end; j < ncols_p; j += L) vstore(s + j, V{});
+  l = l * alpha + hsum<T>(vsum);
+  m = m_new;
+  return alpha;
+}
+
+// One row of the backward: p = exp2(s + bias - lse2) on the visible columns [0, n), 0 elsewhere up to
+// ncols_p; dp becomes ds = p * (dp - delta). In place.
+template <typename T>
+FLASH_CPU_INLINE void softmax_row_bwd(T* __restrict s, T* __restrict dp, int64_t n, int64_t ncols_p,
+                                      const T* __restrict bias, T lse2, T delta) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  const V vl = vset1<V>(lse2);
+  const V vd = vset1<V>(delta);
+  const int64_t nfull = (n / L) * L;
+  for (int64_t j = 0; j < nfull; j += L) {
+    V x = vload<V>(s + j);
+    if (bias != nullptr) x += vload<V>(bias + j);
+    const V pv = vexp2(x - vl);
+    vstore(s + j, pv);
+    vstore(dp + j, pv * (vload<V>(dp + j) - vd));
+  }
+  if (nfull < n) {
+    V x = vload<V>(s + nfull);
+    if (bias != nullptr) x += vload<V>(bias + nfull);
+    V pv = vexp2(x - vl);
+    pv = lane_index<T>() < vset1<V>(static_cast<T>(n - nfull)) ? pv : V{};
+    vstore(s + nfull, pv);
+    vstore(dp + nfull, pv * (vload<V>(dp + nfull) - vd));
+  }
+  for (int64_t j = round_up(n, L); j < ncols_p; j += L) {
+    vstore(s + j, V{});
+    vstore(dp + j, V{});
+  }
 }

@@ -42,7 +42,7 @@ __device__ __forceinline__ void load_rows_async(uint32_t stile, const T* gbase, 
 }
 
 template <typename T, typename Tr>
-__global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const BwdParams params) {
+__global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(const BwdParams params) {
   constexpr int D = Tr::kHeadDim;
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
@@ -141,69 +141,80 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const BwdParams p
     const float* lse = sLse + buf * kBlockM;
     const float* dsum = sDsum + buf * kBlockM;
 
-    // S^T (this warp: 16 keys x kSCols queries).
-    float s[1][Tr::kSNT][4];
-#pragma unroll
-    for (int nt = 0; nt < Tr::kSNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
-    }
-    warp_gemm_ss<T, 1, Tr::kSNT, D / 16, false, false>(s, sK + kw * 16 * kPitchD * 2, kPitchD,
-                                                        sQ + sq * Tr::kSCols * kPitchD * 2, kPitchD, lane);
-
-    // P^T in place. Columns need masking only on a partial last tile or across the diagonal.
+    // Columns need masking only on a partial last tile or across the causal diagonal.
     const bool col_mask = (m0 + kBlockM > Nq) || (causal && m0 + diag < n0 + kBlockN - 1);
 #pragma unroll
-    for (int nt = 0; nt < Tr::kSNT; ++nt) {
-      const int c = sq * Tr::kSCols + nt * 8 + 2 * t;  // column in the tile (queries c, c + 1)
-      const float2 l = *reinterpret_cast<const float2*>(lse + c);
-      const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
+    for (int ch = 0; ch < Tr::kSChunks; ++ch) {
+      const int cb = sq * Tr::kSCols + ch * Tr::kSChunkCols;  // first query column of the chunk
+
+      // S^T (this warp: 16 keys x kSChunkCols queries).
+      float s[1][Tr::kSNT][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float p = fast_exp2(fmaf(s[0][nt][e], params.scale_log2, (e & 1) ? nl1 : nl0));
-        if (!(e < 2 ? v0 : v1)) p = 0.f;
-        if (col_mask) {
-          const int i = m0 + c + (e & 1), j = e < 2 ? j0 : j1;
-          if (i >= Nq || (causal && j > i + diag)) p = 0.f;
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
+      }
+      warp_gemm_ss<T, 1, Tr::kSNT, D / 16, false, false>(s, sK + kw * 16 * kPitchD * 2, kPitchD,
+                                                          sQ + cb * kPitchD * 2, kPitchD, lane);
+
+      // P^T in place.
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+        const int c = cb + nt * 8 + 2 * t;  // column in the tile (queries c, c + 1)
+        const float2 l = *reinterpret_cast<const float2*>(lse + c);
+        const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = fast_exp2(fmaf(s[0][nt][e], params.scale_log2, (e & 1) ? nl1 : nl0));
+          if (!(e < 2 ? v0 : v1)) p = 0.f;
+          if (col_mask) {
+            const int i = m0 + c + (e & 1), j = e < 2 ? j0 : j1;
+            if (i >= Nq || (causal && j > i + diag)) p = 0.f;
+          }
+          s[0][nt][e] = p;
         }
-        s[0][nt][e] = p;
+      }
+
+      // dP^T (same shape as S^T).
+      float dp[1][Tr::kSNT][4];
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = 0.f;
+      }
+      warp_gemm_ss<T, 1, Tr::kSNT, D / 16, false, false>(dp, sV + kw * 16 * kPitchD * 2, kPitchD,
+                                                          sdO + cb * kPitchD * 2, kPitchD, lane);
+
+      // dV += P^T dO straight from registers (dO rows cb.. of the chunk).
+      if constexpr (Tr::kPInRegs) {
+        warp_gemm_rs<T, Tr::kKVNT, Tr::kSChunkCols / 16, true>(dv, s[0], sdO + cb * kPitchD * 2, kPitchD,
+                                                                lane);
+      }
+
+      // dS^T = P^T o (dP^T - softmax_d), in place of dP^T.
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+        const int c = cb + nt * 8 + 2 * t;
+        const float2 d = *reinterpret_cast<const float2*>(dsum + c);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = s[0][nt][e] * (dp[0][nt][e] - ((e & 1) ? d.y : d.x));
+      }
+      store_frags_smem<T, 1, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffdS), kPitchM, kw * 16, cb, dp,
+                                       1.f, lane);
+
+      if constexpr (Tr::kPInRegs) {
+        // dK += dS^T Q straight from registers.
+        warp_gemm_rs<T, Tr::kKVNT, Tr::kSChunkCols / 16, true>(dk, dp[0], sQ + cb * kPitchD * 2, kPitchD,
+                                                                lane);
+      } else {
+        store_frags_smem<T, 1, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffP), kPitchM, kw * 16, cb, s,
+                                         1.f, lane);
       }
     }
+    __syncthreads();  // dS^T (and P^T) complete
 
-    // dP^T (same shape as S^T).
-    float dp[1][Tr::kSNT][4];
-#pragma unroll
-    for (int nt = 0; nt < Tr::kSNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dp[0][nt][e] = 0.f;
-    }
-    warp_gemm_ss<T, 1, Tr::kSNT, D / 16, false, false>(dp, sV + kw * 16 * kPitchD * 2, kPitchD,
-                                                        sdO + sq * Tr::kSCols * kPitchD * 2, kPitchD, lane);
-
-    // dV += P^T dO straight from registers.
-    if constexpr (Tr::kPInRegs) {
-      warp_gemm_rs<T, Tr::kKVNT, kBlockM / 16, true>(dv, s[0], sdO, kPitchD, lane);
-    }
-
-    // dS^T = P^T o (dP^T - softmax_d), in place of dP^T.
-#pragma unroll
-    for (int nt = 0; nt < Tr::kSNT; ++nt) {
-      const int c = sq * Tr::kSCols + nt * 8 + 2 * t;
-      const float2 d = *reinterpret_cast<const float2*>(dsum + c);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dp[0][nt][e] = s[0][nt][e] * (dp[0][nt][e] - ((e & 1) ? d.y : d.x));
-    }
-    store_frags_smem<T, 1, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffdS), kPitchM, kw * 16,
-                                     sq * Tr::kSCols, dp, 1.f, lane);
-
-    if constexpr (Tr::kPInRegs) {
-      // dK += dS^T Q straight from registers.
-      warp_gemm_rs<T, Tr::kKVNT, kBlockM / 16, true>(dk, dp[0], sQ, kPitchD, lane);
-      __syncthreads();  // dS^T complete
-    } else {
-      store_frags_smem<T, 1, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffP), kPitchM, kw * 16,
-                                       sq * Tr::kSCols, s, 1.f, lane);
-      __syncthreads();  // P^T, dS^T complete
+    if constexpr (!Tr::kPInRegs) {
+      // dV += P^T dO, dK += dS^T Q with A from shared memory (this warp: kKVCols dims).
       warp_gemm_ss<T, 1, Tr::kKVNT, kBlockM / 16, false, true>(dv, sP + kw * 16 * kPitchM * 2, kPitchM,
                                                                 sdO + sq * Tr::kKVCols * 2, kPitchD, lane);
       warp_gemm_ss<T, 1, Tr::kKVNT, kBlockM / 16, false, true>(dk, sdS + kw * 16 * kPitchM * 2, kPitchM,

@@ -21,19 +21,25 @@
 
 namespace flash {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kQWarpsM_>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kQWarpsM_, int kSChunks_ = 1,
+          int kMinBlocks_ = 1>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocks = kMinBlocks_;  // blocks per SM asked of the register allocator
 
   // S^T / dP^T and dK / dV warp grid.
   static constexpr int kKeyWarps = kBlockN / 16;
   static constexpr int kSQWarps = kNWarps / kKeyWarps;
   static constexpr int kSCols = kBlockM / kSQWarps;
-  static constexpr int kSNT = kSCols / 8;           // n8 fragments of S^T per warp
+  // A warp walks its kSCols columns in kSChunks chunks (fewer live registers), kSNT n8
+  // fragments of S^T and dP^T each.
+  static constexpr int kSChunks = kSChunks_;
+  static constexpr int kSChunkCols = kSCols / kSChunks;
+  static constexpr int kSNT = kSChunkCols / 8;
   static constexpr int kKVCols = kHeadDim / kSQWarps;
   static constexpr int kKVNT = kKVCols / 8;         // n8 fragments of dK, dV per warp
   static constexpr bool kPInRegs = kSQWarps == 1;
@@ -64,7 +70,7 @@ struct BwdTraits {
 
   static_assert(kHeadDim % 16 == 0 && kBlockM % 16 == 0 && kBlockN % 16 == 0, "16-multiples");
   static_assert(kNWarps % kKeyWarps == 0, "whole warp grid for S^T");
-  static_assert(kSCols % 16 == 0, "a warp's S^T columns are whole k16 steps of dV / dK");
+  static_assert(kSChunkCols % 16 == 0, "a chunk of S^T columns is whole k16 steps of dV / dK");
   static_assert(kKVCols % 8 == 0, "whole n8 fragments of dK / dV");
   static_assert(kNWarps % kQWarpsM == 0 && kQMT >= 1 && kQNT >= 1, "dQ warp grid");
   static_assert(kQMT * 16 * kQWarpsM == kBlockM && kQNT * 8 * kQWarpsD == kHeadDim, "dQ tiling");
@@ -73,16 +79,19 @@ struct BwdTraits {
   static_assert((kBlockN * kChunksPerRow) % kNThreads == 0, "K/V tile copy splits evenly");
 };
 
-// Per head dim choice:
+// Per head dim choice (BwdTraits<D, kBlockM, kBlockN, warps, dQ warps along M, S^T chunks,
+// blocks per SM>):
 //   D = 32, 64, 96, 128: 128 keys x 64 queries, 8 warps of 16 keys (P^T, dS^T in registers);
-//                        dQ on a 2 x 4 warp grid (4 x 2 for D = 32).
+//                        dQ on a 2 x 4 warp grid (4 x 2 for D = 32). D = 128 walks a warp's
+//                        S^T in two chunks of 32 queries (dK, dV already hold 128 registers);
+//                        D = 32 does too, to fit 128 registers and run 2 blocks per SM.
 //   D = 256:             64 keys x 32 queries, 8 warps on 4 x 2 (each 16 keys x 128 dims of
 //                        dK / dV); dQ on 1 x 8. Fits the 163 KB of an sm_80 block.
 template <int kHeadDim>
 struct BwdConfig;
 template <>
 struct BwdConfig<32> {
-  using Traits = BwdTraits<32, 64, 128, 8, 4>;
+  using Traits = BwdTraits<32, 64, 128, 8, 4, 2, 2>;
 };
 template <>
 struct BwdConfig<64> {
@@ -94,7 +103,7 @@ struct BwdConfig<96> {
 };
 template <>
 struct BwdConfig<128> {
-  using Traits = BwdTraits<128, 64, 128, 8, 2>;
+  using Traits = BwdTraits<128, 64, 128, 8, 2, 2>;
 };
 template <>
 struct BwdConfig<256> {

@@ -28,44 +28,55 @@ constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
 constexpr float kLn2 = 0.69314718055994530942f;
 
-// Asynchronous copy of a [kRows][kHeadDim] tile (rows with index >= rows_valid, at least 1, are
-// zero-filled) from global memory (row stride row_stride elements, 16-byte aligned) to padded
-// shared memory. The tile is cut into 16-byte chunks in row-major order; thread tid copies chunks
-// tid, tid + kNThreads, ... When a row's chunk count divides kNThreads, a thread keeps one column
-// and walks rows with a running pointer (cheap addressing, few live registers).
+// Asynchronous copies of [kRows][kHeadDim] tiles of one (batch, head) slice from global memory
+// (row stride in elements, 16-byte aligned) to padded shared memory. Each row of 16-byte chunks
+// is split over kThreadsPerRow threads: thread x of a row copies chunks x, x + kThreadsPerRow, ...
+// (kChunksPerThread of them, so each instruction of a warp reads whole 32-byte sectors); a
+// thread keeps its columns and walks rows kRowsPerIter apart. Rows at or past rows_valid are
+// zero-filled and read nothing. `src` points at this thread's first chunk of the current tile;
+// move() shifts it by whole tiles.
 template <typename Traits, int kRows, typename Element>
-__device__ __forceinline__ void copy_tile_async(Element* smem, const Element* gmem, int64_t row_stride,
-                                                int rows_valid, int tid) {
-  constexpr int kCpr = Traits::kChunksPerRow;
-  constexpr int kThreads = Traits::kNThreads;
-  constexpr int kChunks = kRows * kCpr;
-  static_assert(kChunks % kThreads == 0, "tile copy must split evenly");
-  if constexpr (kThreads % kCpr == 0) {
-    constexpr int kRowsPerIter = kThreads / kCpr;
-    static_assert(kRows % kRowsPerIter == 0, "tile copy must split evenly");
-    const int r0 = tid / kCpr;
-    const int c = tid % kCpr;
-    const Element* src = gmem + r0 * row_stride + c * 8;
-    const uint32_t dst = smem_u32(smem + r0 * Traits::kSmemPitch + c * 8);
-    const int rows_left = rows_valid - r0;  // compared with constants below
+struct TileLoader {
+  static constexpr int kCpr = Traits::kChunksPerRow;
+  static constexpr int kThreadsPerRow = (kCpr % 3 == 0) ? kCpr / 3 : kCpr;
+  static constexpr int kChunksPerThread = kCpr / kThreadsPerRow;
+  static constexpr int kRowsPerIter = Traits::kNThreads / kThreadsPerRow;
+  static_assert(Traits::kNThreads % kThreadsPerRow == 0, "threads must cover whole rows");
+  static_assert(kRows % kRowsPerIter == 0, "tile copy must split evenly");
+
+  const Element* src;
+  int64_t row_stride;
+  int row;           // this thread's first row within a tile
+  uint32_t dst_off;  // byte offset of this thread's first chunk within a smem tile
+
+  __device__ __forceinline__ TileLoader(const Element* slice, int64_t row_stride_, int first_tile_row,
+                                        int tid)
+      : row_stride(row_stride_) {
+    row = tid / kThreadsPerRow;
+    const int col = (tid % kThreadsPerRow) * 8;
+    src = slice + (first_tile_row + row) * row_stride + col;
+    dst_off = (row * Traits::kSmemPitch + col) * 2;
+  }
+
+  __device__ __forceinline__ void move(int tiles) { src += tiles * kRows * row_stride; }
+
+  // rows_valid: valid rows of the current tile (>= 1); fallback: any valid global address.
+  __device__ __forceinline__ void load(uint32_t smem_tile, int rows_valid, const void* fallback) const {
+    const int rows_left = rows_valid - row;
+    const Element* p = src;
 #pragma unroll
     for (int i = 0; i < kRows / kRowsPerIter; ++i) {
       const bool pred = i * kRowsPerIter < rows_left;
-      cp_async_16(dst + i * kRowsPerIter * Traits::kSmemPitch * 2, pred ? src : gmem, pred);
-      src += kRowsPerIter * row_stride;
-    }
-  } else {
 #pragma unroll
-    for (int i = 0; i < kChunks / kThreads; ++i) {
-      const int idx = tid + i * kThreads;
-      const int r = idx / kCpr;
-      const int c = idx % kCpr;
-      const bool pred = r < rows_valid;
-      const Element* src = pred ? gmem + r * row_stride + c * 8 : gmem;
-      cp_async_16(smem_u32(smem + r * Traits::kSmemPitch + c * 8), src, pred);
+      for (int j = 0; j < kChunksPerThread; ++j) {
+        constexpr int kJ = kThreadsPerRow * 8;  // elements between a thread's chunks
+        cp_async_16(smem_tile + dst_off + (i * kRowsPerIter * Traits::kSmemPitch + j * kJ) * 2,
+                    pred ? static_cast<const void*>(p + j * kJ) : fallback, pred);
+      }
+      p += kRowsPerIter * row_stride;
     }
   }
-}
+};
 
 }  // namespace fwd_detail
 
@@ -84,8 +95,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
-  Element* sK = sQ + Traits::kSmemQElems;
-  Element* sV = sK + Traits::kSmemKVElems;
 
   const int m_block = blockIdx.x;
   const int h = blockIdx.y;
@@ -139,23 +148,26 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
     return;
   }
 
-  const int64_t q_rs = params.q_stride.row;
-  const int64_t k_rs = params.k_stride.row;
-  const int64_t v_rs = params.v_stride.row;
-
   // Q tile and the first (last visible) K tile.
-  copy_tile_async<Traits, kBlockM>(sQ, q_ptr + row0 * q_rs, q_rs, len_q - row0, tid);
-  cp_async_commit();
   int n_block = n_block_max - 1;
-  copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(n_block) * kBlockN * k_rs, k_rs,
-                                   len_k - n_block * kBlockN, tid);
+  const uint32_t sQ_addr = smem_u32(sQ);
+  const uint32_t sK_addr = sQ_addr + Traits::kSmemQElems * 2;
+  const uint32_t sV_addr = sK_addr + Traits::kSmemKVElems * 2;
+  {
+    TileLoader<Traits, kBlockM, Element> q_loader(q_ptr, params.q_stride.row, row0, tid);
+    q_loader.load(sQ_addr, len_q - row0, params.q);
+  }
+  cp_async_commit();
+  TileLoader<Traits, kBlockN, Element> k_loader(k_ptr, params.k_stride.row, n_block * kBlockN, tid);
+  TileLoader<Traits, kBlockN, Element> v_loader(v_ptr, params.v_stride.row, n_block * kBlockN, tid);
+  k_loader.load(sK_addr, len_k - n_block * kBlockN, params.k);
   cp_async_commit();
 
   // Per-lane ldmatrix addresses (see flash_utils.cuh for the lane -> row/col mapping).
   const int warp_row = warp * kRowsPerWarp;
-  const uint32_t sQ_lane = smem_u32(sQ + (warp_row + lane % 16) * kPitch + (lane / 16) * 8);
-  const uint32_t sK_lane = smem_u32(sK + ((lane / 16) * 8 + lane % 8) * kPitch + ((lane / 8) % 2) * 8);
-  const uint32_t sV_lane = smem_u32(sV + (((lane / 8) % 2) * 8 + lane % 8) * kPitch + (lane / 16) * 8);
+  const uint32_t sQ_lane = sQ_addr + ((warp_row + lane % 16) * kPitch + (lane / 16) * 8) * 2;
+  const uint32_t sK_lane = sK_addr + (((lane / 16) * 8 + lane % 8) * kPitch + ((lane / 8) % 2) * 8) * 2;
+  const uint32_t sV_lane = sV_addr + ((((lane / 8) % 2) * 8 + lane % 8) * kPitch + (lane / 16) * 8) * 2;
   constexpr uint32_t kPitchBytes = kPitch * 2;
 
   float acc_o[kMFrags][kNFragsO][4];
@@ -175,25 +187,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
   }
 
   const float scale_log2 = params.scale_log2;
+  // Key padding: the mask byte of column col0 + tid of the next tile is fetched one tile ahead
+  // (kpm_next), turned into a bit per column with a warp ballot (word w covers columns
+  // 32 w .. 32 w + 31 of the tile) and published in sMaskBits before the tile's first barrier.
   const unsigned char* kpm_row = nullptr;
+  uint32_t* sMaskBits = reinterpret_cast<uint32_t*>(smem_raw + Traits::kSmemMaskOffset);
+  unsigned char kpm_next = 0;
+  auto fetch_kpm = [&](int col0) -> unsigned char {
+    const int col = col0 + tid;
+    return (tid < kBlockN && col < len_k) ? __ldg(kpm_row + col) : static_cast<unsigned char>(0);
+  };
   if (kHasKpm) {
     kpm_row = reinterpret_cast<const unsigned char*>(params.key_padding_mask) +
               b * params.key_padding_mask_batch_stride;
+    kpm_next = fetch_kpm(n_block * kBlockN);
   }
 
   for (; n_block >= 0; --n_block) {
     const int col0 = n_block * kBlockN;
 
-    // Key padding bits of this thread's columns: bit 2 * j + e for column col0 + 8 j + 2 t + e.
-    uint32_t kpm_bits = 0;
     if (kHasKpm) {
-#pragma unroll
-      for (int j = 0; j < kNFragsS; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = col0 + j * 8 + 2 * t + e;
-          if (col < len_k && __ldg(kpm_row + col) != 0) kpm_bits |= 1u << (2 * j + e);
-        }
+      const uint32_t bits = __ballot_sync(0xffffffffu, kpm_next != 0);
+      if (lane == 0 && warp < kBlockN / 32) sMaskBits[warp] = bits;
     }
 
     float acc_s[kMFrags][kNFragsS][4];
@@ -207,8 +222,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
     // K(n) (and Q) landed; every warp is done with V(n + 1): start copying V(n).
     cp_async_wait<0>();
     __syncthreads();
-    copy_tile_async<Traits, kBlockN>(sV, v_ptr + static_cast<int64_t>(col0) * v_rs, v_rs,
-                                     len_k - col0, tid);
+    v_loader.load(sV_addr, len_k - col0, params.v);
+    v_loader.move(-1);
     cp_async_commit();
 
     // S = Q K^T.
@@ -239,6 +254,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[mi][j][e] *= scale_log2;
 
+    // This thread's key padding bits: column 8 j + 2 t + e of the tile is bit (j % 4) * 8 + e of
+    // kpm_words[j / 4].
+    uint32_t kpm_words[kHasKpm ? kBlockN / 32 : 1];
+    if (kHasKpm) {
+#pragma unroll
+      for (int w = 0; w < kBlockN / 32; ++w) kpm_words[w] = sMaskBits[w] >> (2 * t);
+    }
     const bool need_limit_mask =
         (col0 + kBlockN > seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
     if (kHasKpm || need_limit_mask) {
@@ -255,7 +277,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
             for (int e = 0; e < 2; ++e) {
               const int col = col0 + j * 8 + 2 * t + e;
               bool masked = col >= limit;
-              if (kHasKpm) masked = masked || ((kpm_bits >> (2 * j + e)) & 1u);
+              if (kHasKpm) masked = masked || ((kpm_words[j / 4] >> ((j % 4) * 8 + e)) & 1u);
               if (masked) acc_s[mi][j][hi * 2 + e] = kNegInf;
             }
         }
@@ -265,9 +287,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
     cp_async_wait<0>();
     __syncthreads();
     if (n_block > 0) {
-      copy_tile_async<Traits, kBlockN>(sK, k_ptr + static_cast<int64_t>(col0 - kBlockN) * k_rs, k_rs,
-                                       len_k - (col0 - kBlockN), tid);
+      k_loader.move(-1);
+      k_loader.load(sK_addr, len_k - (col0 - kBlockN), params.k);
       cp_async_commit();
+      if (kHasKpm) kpm_next = fetch_kpm(col0 - kBlockN);
     }
 
     // P in the element type: p_frag[mi][j][hi] holds columns (2t, 2t+1) of row g + 8 hi of n8
@@ -305,7 +328,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
         }
       }
 
-    // O += P V: the S accumulators of n8 fragments 2 kk and 2 kk + 1 form the A fragment of k-step kk.
+    // O += P V: P of n8 fragments 2 kk and 2 kk + 1 forms the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < Traits::kKStepsPV; ++kk) {
       uint32_t pa[kMFrags][4];
