@@ -7,8 +7,9 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 stages=${*:-build tests sanitize bench train}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 summary="$OUT/summary.txt"
 : > "$summary"
