@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-stages=${*:-build tests sanitize bench train}
+stages=${*:-build tests bench train sanitize}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,20 +32,23 @@ if [[ " $stages " == *" tests "* ]]; then
   note "tests: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
 fi
-if [[ " $stages " == *" sanitize "* ]]; then
-  for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_case.py > "$OUT/sanitize_$tool.log" 2>&1
-    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
-  done
-fi
 if [[ " $stages " == *" train "* ]]; then
-  timeout 300 python3 train.py attention=flash attention.strict=true precision=bf16 hydra.run.dir="$OUT/train_flash" > "$OUT/train_flash.log" 2>&1
-  note "train attention=flash (bf16, strict): rc=$? $(python3 -c "import json;m=json.load(open('$OUT/train_flash/metrics.json'));print({k:m[k] for k in ('backend','eval_sequence_accuracy','tokens_per_second','train_time_s') if k in m})" 2>&1 | tail -1)"
+  for backend in flash sdpa; do
+    timeout 200 python3 train.py attention=$backend attention.strict=true precision=bf16 \
+      hydra.run.dir="$OUT/train_$backend" > "$OUT/train_$backend.log" 2>&1
+    note "train attention=$backend (bf16, strict): rc=$? $(python3 -c "import json;m=json.load(open('$OUT/train_$backend/metrics.json'));print({k:m[k] for k in ('backend_used','eval_sequence_accuracy','tokens_per_second','train_time_s','peak_memory_mb') if k in m})" 2>&1 | tail -1)"
+  done
 fi
 if [[ " $stages " == *" bench "* ]]; then
   python3 scripts/bench_flash_cuda.py > "$OUT/bench.log" 2>&1
   note "bench: rc=$?"
   cat "$OUT/bench.log" | tail -40 >> "$summary"
+fi
+if [[ " $stages " == *" sanitize "* ]]; then
+  for tool in memcheck racecheck synccheck; do
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_case.py > "$OUT/sanitize_$tool.log" 2>&1
+    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+  done
 fi
 echo "==== summary"
 cat "$summary"
