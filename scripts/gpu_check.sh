@@ -35,8 +35,8 @@ fi
 if [[ " $stages " == *" train "* ]]; then
   for backend in flash sdpa; do
     timeout 200 python3 train.py attention=$backend attention.strict=true precision=bf16 \
-      hydra.run.dir="$OUT/train_$backend" > "$OUT/train_$backend.log" 2>&1
-    note "train attention=$backend (bf16, strict): rc=$? $(python3 -c "import json;m=json.load(open('$OUT/train_$backend/metrics.json'));print({k:m[k] for k in ('backend_used','eval_sequence_accuracy','tokens_per_second','train_time_s','peak_memory_mb') if k in m})" 2>&1 | tail -1)"
+      hydra.run.dir="/tmp/train_$backend" >> "$OUT/train.log" 2>&1
+    note "train attention=$backend (bf16, strict): rc=$? $(python3 -c "import json;m=json.load(open('/tmp/train_$backend/metrics.json'));print({k:m[k] for k in ('backend_used','eval_sequence_accuracy','tokens_per_second','train_time_s','peak_memory_mb') if k in m})" 2>&1 | tail -1)"
   done
 fi
 if [[ " $stages " == *" bench "* ]]; then
@@ -46,8 +46,8 @@ if [[ " $stages " == *" bench "* ]]; then
 fi
 if [[ " $stages " == *" sanitize "* ]]; then
   for tool in memcheck racecheck synccheck; do
-    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_case.py > "$OUT/sanitize_$tool.log" 2>&1
-    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_case.py > "/tmp/sanitize_$tool.log" 2>&1
+    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_$tool.log" | tail -1)"; tail -30 /tmp/sanitize_$tool.log >> "$OUT/sanitize.log"
   done
 fi
 echo "==== summary"
