@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -11,8 +12,8 @@ from .masks import merge_masks
 from .registry import register_backend
 from .support import BackendSupport
 
-CUDA_HEAD_DIMS = frozenset({32, 64, 96, 128, 256})
-MAX_CPU_HEAD_DIM = 256
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # compiled kernels; other D <= 256 are zero-padded up to one of these
+MAX_HEAD_DIM = 256
 
 
 def _device_reason(device: str) -> str | None:
@@ -30,8 +31,8 @@ FLASH_SUPPORT = BackendSupport(
         "cuda": frozenset({torch.float16, torch.bfloat16}),
     },
     head_dims={
-        "cpu": (lambda d: 1 <= d <= MAX_CPU_HEAD_DIM, f"1..{MAX_CPU_HEAD_DIM}"),
-        "cuda": (lambda d: d in CUDA_HEAD_DIMS, "32, 64, 96, 128 or 256"),
+        "cpu": (lambda d: 1 <= d <= MAX_HEAD_DIM, f"1..{MAX_HEAD_DIM}"),
+        "cuda": (lambda d: 1 <= d <= MAX_HEAD_DIM, f"1..{MAX_HEAD_DIM}"),
     },
     attn_mask=False,
     dropout=False,
@@ -89,7 +90,15 @@ def flash_attention(
     """
     if attn_mask is not None or dropout_p > 0.0:
         raise ValueError("flash attention takes no attn_mask and no dropout (the registry falls back for those)")
-    out, lse = torch.ops.flash_attn.fwd(q, k, v, key_padding_mask, None, scale, is_causal)
+    head_dim = q.shape[-1]
+    if q.is_cuda and head_dim not in CUDA_HEAD_DIMS:
+        # Zero columns add nothing to Q Kᵀ, and the output's extra columns are P·0 = 0: pad, run, slice.
+        padded = next(d for d in CUDA_HEAD_DIMS if d > head_dim)
+        q_p, k_p, v_p = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+        out, lse = torch.ops.flash_attn.fwd(q_p, k_p, v_p, key_padding_mask, None, scale, is_causal)
+        out = out[..., :head_dim]
+    else:
+        out, lse = torch.ops.flash_attn.fwd(q, k, v, key_padding_mask, None, scale, is_causal)
     weights = None
     if need_weights:
         weights = weights_from_lse(q, k, lse, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale)

@@ -85,6 +85,13 @@ def test_matches_reference_within_twice_sdpa(shape, mask_kind, head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [8, 16, 48, 80, 200])
+def test_other_head_dims_are_padded_to_a_kernel(head_dim, dtype):
+    q, k, v, kwargs = make((2, 4, 2, 33, 70), head_dim, dtype, "padding+causal", seed=head_dim)
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(dtype):
     q, k, v, kwargs = make((2, 4, 2, 77, 131), 64, dtype, "padding+causal", seed=1, non_contiguous=True)
     assert not q.is_contiguous()
