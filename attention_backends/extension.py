@@ -13,6 +13,8 @@ import torch
 from . import _build
 
 _STATE: dict[str, object] = {"loaded": False, "error": None}
+# Which dispatch keys have kernels, read once at load so that torch.compile sees a plain dict lookup.
+_KERNELS: dict[str, bool] = {"cpu": False, "cuda": False}
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` or call attention_backends.compile_cuda_extension()"
 )
@@ -26,6 +28,8 @@ def _finish_load() -> None:
     from . import flash_ops
 
     flash_ops.register_python_parts()
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        _KERNELS[device] = torch._C._dispatch_has_kernel_for_dispatch_key("flash_attn::fwd", key)
     _STATE["loaded"] = True
     _STATE["error"] = None
 
@@ -35,6 +39,8 @@ def load_extension() -> None:
     if _STATE["loaded"]:
         return
     try:
+        if os.environ.get("FLASH_ATTN_DISABLE_PREBUILT") == "1":
+            raise ImportError("FLASH_ATTN_DISABLE_PREBUILT=1 skips the installed build")
         importlib.import_module("attention_backends._C")
     except ImportError as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
@@ -56,10 +62,7 @@ def extension_error() -> str | None:
 
 def has_kernels_for(device: str) -> bool:
     """Whether the loaded extension registered kernels for ``device`` ("cpu" or "cuda")."""
-    if extension_error() is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("flash_attn::fwd", key)
+    return extension_error() is None and _KERNELS.get(device, False)
 
 
 def _cuda_toolkit_present() -> bool:

@@ -69,6 +69,8 @@ def weights_from_lse(
     return weights.to(q.dtype)
 
 
+extension_error()  # try the import once now, not inside a traced call
+
 @register_backend("flash", support=FLASH_SUPPORT, fallback="sdpa")
 def flash_attention(
     q: Tensor,
