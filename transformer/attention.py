@@ -5,16 +5,6 @@ values, so ``load_state_dict(torch_mha.state_dict())`` works both ways and it ca
 ``self_attn`` of ``torch.nn.TransformerEncoderLayer``. The attention itself is computed by
 ``attention_backends.attention``; the backend is looked up at call time, so ``use_backend(...)``
 or ``set_default_backend(...)`` switches a built model without rebuilding it.
-
-Shapes (``E`` = embed_dim, ``H`` = num_heads, ``Hkv`` = num_kv_heads, ``Dh = E // H``)::
-
-    query       (L, N, E)   or (N, L, E) when batch_first, or (L, E) unbatched
-    key         (S, N, kdim) / (N, S, kdim) / (S, kdim)
-    value       (S, N, vdim) / (N, S, vdim) / (S, vdim)
-    key_padding_mask  (N, S) or (S,): bool (True = ignore) or float (added to the scores)
-    attn_mask   (L, S) or (N * H, L, S): bool (True = not allowed) or float (added)
-    attn_output (L, N, E) / (N, L, E) / (L, E)
-    attn_weights (N, L, S) averaged over heads, or (N, H, L, S); (L, S) / (H, L, S) unbatched
 """
 
 from __future__ import annotations
@@ -55,8 +45,19 @@ class MultiHeadAttention(nn.Module):
     (Hkv * Dh, kdim), ``v_proj_weight`` (Hkv * Dh, vdim); ``in_proj_bias`` (E + 2 * Hkv * Dh);
     ``out_proj`` a Linear (E, E).
 
-    Shape:
-        see the module docstring.
+    Shape (``E`` = embed_dim, ``H`` = num_heads, ``Hkv`` = num_kv_heads, ``Dh = E // H``)::
+
+        query        (L, N, E), or (N, L, E) when batch_first, or (L, E) unbatched
+        key          (S, N, kdim) / (N, S, kdim) / (S, kdim)
+        value        (S, N, vdim) / (N, S, vdim) / (S, vdim)
+        key_padding_mask  (N, S) or (S,): bool (True = ignore) or float (added to the scores)
+        attn_mask    (L, S) or (N * H, L, S): bool (True = not allowed) or float (added)
+        attn_output  like query, with E features
+        attn_weights (N, L, S) averaged over heads, or (N, H, L, S); (L, S) / (H, L, S) unbatched
+
+    Inside ``torch.nn.TransformerEncoderLayer`` the layer's fused inference fast path is never taken
+    (see ``_qkv_same_embed_dim``), so the backend always runs. Swap the module into the layer before
+    wrapping the layer in ``torch.nn.TransformerEncoder`` (whose nested-tensor path is then disabled).
     """
 
     def __init__(
@@ -191,7 +192,7 @@ class MultiHeadAttention(nn.Module):
         """Attend from ``query`` to ``key``/``value``.
 
         Args:
-            query, key, value: see the shape block in the module docstring.
+            query, key, value: see the shape block in the class docstring.
             key_padding_mask: (N, S) bool (True = ignore the key) or float (added to the scores).
             need_weights: also return the attention weights.
             attn_mask: (L, S) or (N * H, L, S), bool (True = not allowed) or float (added).
@@ -200,7 +201,8 @@ class MultiHeadAttention(nn.Module):
                 ``attn_mask`` is given it is used as is (``is_causal`` is then only a hint, as in torch).
 
         Returns:
-            ``(attn_output, attn_weights)``; ``attn_weights`` is None unless ``need_weights``.
+            ``(attn_output, attn_weights)``; ``attn_weights`` is None unless ``need_weights``. A query
+            whose keys are all masked gets zero output and weights (torch's module gives NaN there).
         """
         is_batched = query.dim() == 3
         self._check_inputs(query, key, value, is_batched)
@@ -299,7 +301,9 @@ class MultiHeadAttention(nn.Module):
             elif attn_mask.dim() == 3:
                 expected = (n * self.num_heads, tgt_len, src_len)
                 if attn_mask.shape != expected:
-                    raise ValueError(f"3-D attn_mask must have shape {expected}, got {tuple(attn_mask.shape)}")
+                    raise ValueError(
+                        f"3-D attn_mask must have shape {expected}, got {tuple(attn_mask.shape)}"
+                    )
                 attn_mask = rearrange(attn_mask, "(n h) l s -> n h l s", h=self.num_heads)
             else:
                 raise ValueError(f"attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")

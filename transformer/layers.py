@@ -82,8 +82,8 @@ class _SublayerMixin:
     ) -> dict[str, Tensor | bool | None]:
         """Mask arguments for a self-attention call.
 
-        Our ``MultiHeadAttention`` gets ``is_causal=True`` without a mask (the backend's fast causal
-        path). Any other module (e.g. ``torch.nn.MultiheadAttention``, which needs a mask whenever
+        This package's ``MultiHeadAttention`` gets ``is_causal=True`` without a mask (the backend's
+        fast causal path). Any other module (e.g. ``torch.nn.MultiheadAttention``, which needs a mask whenever
         ``is_causal`` is set) gets an explicit bool causal mask.
         """
         if is_causal and attn_mask is None and not isinstance(attn, MultiHeadAttention):
@@ -130,8 +130,13 @@ class EncoderLayer(_SublayerMixin, nn.Module):
         super().__init__()
         _check_layer_args(d_model, num_heads, dim_feedforward, dropout)
         self.self_attn = MultiHeadAttention(
-            d_model, num_heads, dropout=dropout, bias=bias, batch_first=batch_first,
-            num_kv_heads=num_kv_heads, backend=backend,
+            d_model,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            batch_first=batch_first,
+            num_kv_heads=num_kv_heads,
+            backend=backend,
         )
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -203,8 +208,11 @@ class DecoderLayer(_SublayerMixin, nn.Module):
         super().__init__()
         _check_layer_args(d_model, num_heads, dim_feedforward, dropout)
         attn_kwargs = {
-            "dropout": dropout, "bias": bias, "batch_first": batch_first,
-            "num_kv_heads": num_kv_heads, "backend": backend,
+            "dropout": dropout,
+            "bias": bias,
+            "batch_first": batch_first,
+            "num_kv_heads": num_kv_heads,
+            "backend": backend,
         }
         self.self_attn = MultiHeadAttention(d_model, num_heads, **attn_kwargs)
         self.multihead_attn = MultiHeadAttention(d_model, num_heads, **attn_kwargs)
@@ -238,7 +246,9 @@ class DecoderLayer(_SublayerMixin, nn.Module):
             x = self._add(x, self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal))
             x = self._add(
                 x,
-                self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal),
+                self._mha_block(
+                    self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+                ),
             )
             x = self._add(x, self._ff_block(self.norm3(x)))
         else:
@@ -246,7 +256,9 @@ class DecoderLayer(_SublayerMixin, nn.Module):
                 x, self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), self.norm1
             )
             x = self._add_norm(
-                x, self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal), self.norm2
+                x,
+                self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal),
+                self.norm2,
             )
             x = self._add_norm(x, self._ff_block(x), self.norm3)
         return x
@@ -272,8 +284,13 @@ class DecoderLayer(_SublayerMixin, nn.Module):
             seq_dim = self._seq_dim(x)
             attn_mask = causal_mask(x.shape[seq_dim], memory.shape[seq_dim], device=x.device)
         x = self.multihead_attn(
-            x, memory, memory, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            need_weights=False, is_causal=is_causal,
+            x,
+            memory,
+            memory,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            need_weights=False,
+            is_causal=is_causal,
         )[0]
         return self.dropout2(x)
 

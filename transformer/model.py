@@ -52,8 +52,17 @@ class Encoder(nn.Module):
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         self.layers = nn.ModuleList(
             EncoderLayer(
-                d_model, num_heads, dim_feedforward, dropout, activation, norm_first, layer_norm_eps,
-                batch_first=True, num_kv_heads=num_kv_heads, backend=backend, bias=bias,
+                d_model,
+                num_heads,
+                dim_feedforward,
+                dropout,
+                activation,
+                norm_first,
+                layer_norm_eps,
+                batch_first=True,
+                num_kv_heads=num_kv_heads,
+                backend=backend,
+                bias=bias,
             )
             for _ in range(num_layers)
         )
@@ -95,8 +104,17 @@ class Decoder(nn.Module):
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         self.layers = nn.ModuleList(
             DecoderLayer(
-                d_model, num_heads, dim_feedforward, dropout, activation, norm_first, layer_norm_eps,
-                batch_first=True, num_kv_heads=num_kv_heads, backend=backend, bias=bias,
+                d_model,
+                num_heads,
+                dim_feedforward,
+                dropout,
+                activation,
+                norm_first,
+                layer_norm_eps,
+                batch_first=True,
+                num_kv_heads=num_kv_heads,
+                backend=backend,
+                bias=bias,
             )
             for _ in range(num_layers)
         )
@@ -112,8 +130,11 @@ class Decoder(nn.Module):
         x = tgt  # (B, T, E)
         for layer in self.layers:
             x = layer(
-                x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
-                memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=True,
+                x,
+                memory,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=True,
             )
         return self.norm(x) if self.norm is not None else x
 
@@ -132,7 +153,9 @@ class SinusoidalPositionalEncoding(nn.Module):
         if max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}")
         position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (N, 1)
-        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        inv_freq = torch.exp(
+            torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+        )
         table = torch.zeros(max_len, d_model)  # (N, E)
         table[:, 0::2] = torch.sin(position * inv_freq)
         table[:, 1::2] = torch.cos(position * inv_freq)
@@ -206,9 +229,14 @@ class Transformer(nn.Module):
         self.positions = SinusoidalPositionalEncoding(d_model, max_len)
         self.embed_dropout = nn.Dropout(dropout)
         layer_kwargs = {
-            "d_model": d_model, "num_heads": num_heads, "dim_feedforward": dim_feedforward,
-            "dropout": dropout, "activation": activation, "norm_first": norm_first,
-            "num_kv_heads": num_kv_heads, "backend": backend,
+            "d_model": d_model,
+            "num_heads": num_heads,
+            "dim_feedforward": dim_feedforward,
+            "dropout": dropout,
+            "activation": activation,
+            "norm_first": norm_first,
+            "num_kv_heads": num_kv_heads,
+            "backend": backend,
         }
         self.encoder = Encoder(num_encoder_layers, **layer_kwargs)
         self.decoder = Decoder(num_decoder_layers, **layer_kwargs)
@@ -239,7 +267,9 @@ class Transformer(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V) for ``tgt_in`` (B, T) given ``memory`` (B, S, E)."""
-        x = self.decoder(self._embed(self.tgt_embed, tgt_in), memory, tgt_key_padding_mask, memory_key_padding_mask)
+        x = self.decoder(
+            self._embed(self.tgt_embed, tgt_in), memory, tgt_key_padding_mask, memory_key_padding_mask
+        )
         return self.output(x)  # (B, T, V)
 
     def forward(

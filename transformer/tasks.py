@@ -65,7 +65,9 @@ class ToyTask:
 
     def __init__(self, vocab_size: int = 32, min_len: int = 1, max_len: int = 16) -> None:
         if vocab_size <= FIRST_TOKEN:
-            raise ValueError(f"vocab_size must be greater than {FIRST_TOKEN} (PAD, BOS, EOS + tokens), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be greater than {FIRST_TOKEN} (PAD, BOS, EOS + tokens), got {vocab_size}"
+            )
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
         self.vocab_size = vocab_size
@@ -73,7 +75,8 @@ class ToyTask:
         self.max_len = max_len
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, min_len={self.min_len}, max_len={self.max_len})"
+        name = type(self).__name__
+        return f"{name}(vocab_size={self.vocab_size}, min_len={self.min_len}, max_len={self.max_len})"
 
     @property
     def max_target_len(self) -> int:

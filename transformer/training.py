@@ -6,7 +6,10 @@ gradient clipping, evaluates with greedy decoding on a held-out set, and writes 
 
 - ``metrics.jsonl``: one JSON record per training step (``"kind": "train"``) and per evaluation
   (``"kind": "eval"``);
-- ``metrics.json``: the final summary (also returned);
+- ``metrics.json``: the final summary (also returned): backend requested / that served the last call,
+  held-out token and exact-sequence accuracy, ``tokens_per_second`` (non-padding source + target tokens
+  per second of training-step time, evaluation excluded), ``peak_memory_mb`` (CUDA max allocated, or the
+  process's peak RSS on CPU), ``train_time_s`` (the whole loop, evaluation included), final loss;
 - ``checkpoint.pt``: model, optimizer, scheduler, grad scaler, step, config and RNG states, written
   atomically; ``trainer.resume=PATH`` continues from one.
 """
@@ -95,7 +98,9 @@ def setup_attention(attention_cfg: DictConfig, device: torch.device) -> None:
     if not backend.support.runs_on(device.type):
         log.warning(
             "attention backend '%s' cannot run on device '%s' (%s); calls will fall back",
-            name, device, _why_not_runs_on(backend, device),
+            name,
+            device,
+            _why_not_runs_on(backend, device),
         )
     attention_backends.set_default_backend(name, strict=strict)
 
@@ -103,7 +108,9 @@ def setup_attention(attention_cfg: DictConfig, device: torch.device) -> None:
 def _lookup_backend(name: Any, key: str) -> attention_backends.Backend:
     registered = attention_backends.registered_backends()
     if not isinstance(name, str) or name not in registered:
-        raise ValueError(f"{key}={name!r} is not a registered attention backend; registered backends: {registered}")
+        raise ValueError(
+            f"{key}={name!r} is not a registered attention backend; registered backends: {registered}"
+        )
     return attention_backends.get_backend(name)
 
 
@@ -307,10 +314,12 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
     model = build_model(cfg).to(device)
-    optimizer = instantiate(trainer.optimizer, params=model.parameters())
+    optimizer = instantiate(trainer.optimizer)(model.parameters())  # _partial_: true config
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(step, trainer.steps, trainer.warmup_steps, trainer.schedule, trainer.min_lr_ratio),
+        lambda step: lr_factor(
+            step, trainer.steps, trainer.warmup_steps, trainer.schedule, trainer.min_lr_ratio
+        ),
     )
     dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -327,7 +336,9 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         _restore_rng(state["rng"], generator, device)
         step = int(state["step"])
         log.info("resumed from %s at step %d", trainer.resume, step)
-    stop_at = trainer.steps if trainer.get("stop_at_step") is None else min(trainer.steps, trainer.stop_at_step)
+    stop_at = (
+        trainer.steps if trainer.get("stop_at_step") is None else min(trainer.steps, trainer.stop_at_step)
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -365,7 +376,9 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
             t0 = time.perf_counter()
             batch = task.sample(trainer.batch_size, generator).to(device)
             with autocast():
-                logits = model(batch.src, batch.tgt_in, batch.src_key_padding_mask, batch.tgt_key_padding_mask)
+                logits = model(
+                    batch.src, batch.tgt_in, batch.src_key_padding_mask, batch.tgt_key_padding_mask
+                )
             loss = F.cross_entropy(
                 logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=task.pad_id
             )
@@ -382,18 +395,25 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
             with torch.no_grad():
                 valid = ~batch.tgt_key_padding_mask
                 accuracy = float(((logits.argmax(-1) == batch.tgt_out) & valid).sum() / valid.sum())
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             step_time += time.perf_counter() - t0
             tokens_seen += batch.num_tokens
             tokens_per_second = tokens_seen / max(step_time, 1e-9)
             record = {
-                "kind": "train", "step": step, "loss": loss_value, "accuracy": accuracy, "lr": lr,
-                "grad_norm": float(grad_norm), "tokens_per_second": tokens_per_second,
+                "kind": "train",
+                "step": step,
+                "loss": loss_value,
+                "accuracy": accuracy,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": tokens_per_second,
             }
             jsonl.write(json.dumps(record) + "\n")
             bar.update(1)
             if trainer.log_every and (step % trainer.log_every == 0 or step == stop_at):
-                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", tok_s=f"{tokens_per_second:,.0f}"
+                )
                 jsonl.flush()
 
             if (trainer.eval_every and step % trainer.eval_every == 0) or step == trainer.steps:
@@ -402,7 +422,10 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
                 jsonl.flush()
                 log.info(
                     "step %d: loss %.4f, eval token acc %.4f, eval sequence acc %.4f",
-                    step, loss_value, eval_metrics["eval_token_accuracy"], eval_metrics["eval_sequence_accuracy"],
+                    step,
+                    loss_value,
+                    eval_metrics["eval_token_accuracy"],
+                    eval_metrics["eval_sequence_accuracy"],
                 )
             if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop_at:
                 checkpoint()

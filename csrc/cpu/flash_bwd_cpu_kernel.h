@@ -11,8 +11,9 @@
 //  - dkdv: one task per (batch, kv head, key tile), dK and dV only;
 //  - dq: one task per (batch, query head, query tile), dQ only.
 // For float64 inputs the log-sum-exp is first recomputed in float64 (lse_exact tasks), so that the
-// gradients are as accurate as the inputs. The dispatcher uses grouped when there are enough (batch, kv head) tasks to keep every thread busy, and
-// dkdv followed by dq otherwise (which recomputes S and dP once more).
+// gradients are as accurate as the inputs. The dispatcher uses grouped when there are enough
+// (batch, kv head) tasks to keep every thread busy, and dkdv followed by dq otherwise (which recomputes S
+// and dP once more).
 
 namespace flash {
 namespace cpu {

@@ -43,16 +43,10 @@ namespace cpu {
 
 // Tile sizes (rows of a query tile, columns of a key tile). Shared by every instruction set so that the
 // task counts the dispatch code computes match the kernels.
-#ifndef FLASH_CPU_TUNE
-#define FLASH_CPU_FWD_BQ 64
-#define FLASH_CPU_FWD_BK 128
-#define FLASH_CPU_BWD_BQ 64
-#define FLASH_CPU_BWD_BK 64
-#endif
-constexpr int64_t kFwdBlockQ = FLASH_CPU_FWD_BQ;
-constexpr int64_t kFwdBlockK = FLASH_CPU_FWD_BK;
-constexpr int64_t kBwdBlockQ = FLASH_CPU_BWD_BQ;
-constexpr int64_t kBwdBlockK = FLASH_CPU_BWD_BK;
+constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockK = 256;
+constexpr int64_t kBwdBlockQ = 64;
+constexpr int64_t kBwdBlockK = 128;
 
 enum class DType { kFloat32, kFloat64, kBFloat16 };
 
@@ -117,14 +111,6 @@ struct BwdParams : AttnParams {
 
 // Instruction sets with their own build of the kernels.
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-inline const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
 
 // The best instruction set this CPU supports, capped by FLASH_ATTN_CPU_ISA=avx512|avx2|generic when
 // set (for tests and measurements).

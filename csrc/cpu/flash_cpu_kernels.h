@@ -153,6 +153,9 @@ FLASH_CPU_INLINE vdouble vexp2(vdouble x) {
 // GEMM: C (M x N) = or += A (M x K) * B (K x N).
 // A(m, k) = A[m * sam + k * sak] (so A may be read transposed), B row-major with leading dim ldb,
 // C row-major with leading dim ldc. N is a multiple of the vector length; B and C have N columns.
+// With ACC the product is summed in fresh registers and added to C at the end: long sums that are built
+// from many calls (over key or query tiles) are then summed blockwise, which keeps float32 rounding
+// errors close to those of a single dot product.
 
 template <typename T, int MR, int NV, bool ACC>
 static void gemm_micro(int64_t K, const T* __restrict A, int64_t sam, int64_t sak, const T* __restrict B,
@@ -163,7 +166,7 @@ static void gemm_micro(int64_t K, const T* __restrict A, int64_t sam, int64_t sa
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) acc[r][c] = ACC ? vload<V>(C + r * ldc + c * L) : V{};
+    for (int c = 0; c < NV; ++c) acc[r][c] = V{};
   }
   for (int64_t k = 0; k < K; ++k) {
     const T* bk = B + k * ldb;
@@ -181,7 +184,10 @@ static void gemm_micro(int64_t K, const T* __restrict A, int64_t sam, int64_t sa
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) vstore(C + r * ldc + c * L, acc[r][c]);
+    for (int c = 0; c < NV; ++c) {
+      T* cp = C + r * ldc + c * L;
+      vstore(cp, ACC ? vload<V>(cp) + acc[r][c] : acc[r][c]);
+    }
   }
 }
 

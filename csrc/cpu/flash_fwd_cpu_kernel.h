@@ -81,7 +81,7 @@ static void fwd_impl(const FwdParams& p, int64_t task_begin, int64_t task_end) {
   constexpr int64_t NVQ = BQ / L;
   const int64_t D = p.head_dim;
   const int64_t Dp = round_up(D, L);
-  const int64_t Nq = p.len_q, Nk = p.len_k, Hq = p.heads_q;
+  const int64_t Nq = p.len_q, Hq = p.heads_q;
   const int64_t nqt = ceil_div(Nq, BQ);
   const T qmul = static_cast<T>(p.scale * 1.4426950408889634073599);  // scale * log2(e)
   const T ln2 = static_cast<T>(0.6931471805599453094172);
