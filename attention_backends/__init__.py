@@ -31,9 +31,7 @@ from .sdpa import sdpa_attention
 from .support import AttentionCall, BackendSupport
 
 register_backend("naive", support=BackendSupport(), fallback=None)(naive_attention)
-register_backend(
-    "sdpa", support=BackendSupport(need_weights=False), fallback="naive"
-)(sdpa_attention)
+register_backend("sdpa", support=BackendSupport(need_weights=False), fallback="naive")(sdpa_attention)
 
 __all__ = [
     "AttentionCall",

@@ -20,7 +20,9 @@ def sources(with_cuda: bool) -> list[str]:
     """The C++ sources (always) and, with CUDA, the CUDA API layer and kernel instantiations."""
     files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
     if with_cuda:
-        files += sorted((CSRC / "cuda").glob("*.cpp")) + sorted((CSRC / "cuda" / "instantiations").glob("*.cu"))
+        files += sorted((CSRC / "cuda").glob("*.cpp")) + sorted(
+            (CSRC / "cuda" / "instantiations").glob("*.cu")
+        )
     return [str(f) for f in files]
 
 

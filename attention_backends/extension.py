@@ -15,9 +15,7 @@ from . import _build
 _STATE: dict[str, object] = {"loaded": False, "error": None}
 # Which dispatch keys have kernels, read once at load so that torch.compile sees a plain dict lookup.
 _KERNELS: dict[str, bool] = {"cpu": False, "cuda": False}
-BUILD_HINT = (
-    "build it with `pip install --no-build-isolation -e .` or call attention_backends.compile_cuda_extension()"
-)
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` or call attention_backends.compile_cuda_extension()"
 
 
 class ExtensionNotBuiltError(ImportError):
@@ -88,7 +86,10 @@ def _acquire(lock_path: Path, timeout: float) -> int:
 
 
 def compile_cuda_extension(
-    *, with_cuda: bool | None = None, build_dir: str | os.PathLike | None = None, timeout: float = 1800.0,
+    *,
+    with_cuda: bool | None = None,
+    build_dir: str | os.PathLike | None = None,
+    timeout: float = 1800.0,
     verbose: bool = False,
 ) -> None:
     """Build the flash extension just in time (CUDA kernels when a toolkit and CUDA torch are present) and load it.
@@ -103,7 +104,9 @@ def compile_cuda_extension(
 
     cuda = _cuda_toolkit_present() if with_cuda is None else with_cuda
     name = "flash_attn_jit_cuda" if cuda else "flash_attn_jit_cpu"
-    root = Path(build_dir) if build_dir is not None else Path(cpp_extension._get_build_directory(name, verbose))
+    root = (
+        Path(build_dir) if build_dir is not None else Path(cpp_extension._get_build_directory(name, verbose))
+    )
     root.mkdir(parents=True, exist_ok=True)
     fd = _acquire(root / "flash_attn_build.lock", timeout)
     try:

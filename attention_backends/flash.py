@@ -60,7 +60,11 @@ def weights_from_lse(
         scores = torch.matmul(q_grouped, k.to(compute_dtype).transpose(-1, -2)) * scale
         scores = scores.view(batch, heads_q, len_q, len_k)  # (B, Hq, Nq, Nk)
         allowed = merge_masks(
-            len_q, len_k, key_padding_mask=key_padding_mask, attn_mask=None, is_causal=is_causal,
+            len_q,
+            len_k,
+            key_padding_mask=key_padding_mask,
+            attn_mask=None,
+            is_causal=is_causal,
             device=q.device,
         ).allowed
         if allowed is not None:
@@ -70,6 +74,7 @@ def weights_from_lse(
 
 
 extension_error()  # try the import once now, not inside a traced call
+
 
 @register_backend("flash", support=FLASH_SUPPORT, fallback="sdpa")
 def flash_attention(
@@ -91,7 +96,9 @@ def flash_attention(
         returns out (B, Hq, Nq, D) and weights (B, Hq, Nq, Nk) or None.
     """
     if attn_mask is not None or dropout_p > 0.0:
-        raise ValueError("flash attention takes no attn_mask and no dropout (the registry falls back for those)")
+        raise ValueError(
+            "flash attention takes no attn_mask and no dropout (the registry falls back for those)"
+        )
     head_dim = q.shape[-1]
     if q.is_cuda and head_dim not in CUDA_HEAD_DIMS:
         # Zero columns add nothing to Q Kᵀ, and the output's extra columns are P·0 = 0: pad, run, slice.
@@ -103,5 +110,7 @@ def flash_attention(
         out, lse = torch.ops.flash_attn.fwd(q, k, v, key_padding_mask, None, scale, is_causal)
     weights = None
     if need_weights:
-        weights = weights_from_lse(q, k, lse, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale)
+        weights = weights_from_lse(
+            q, k, lse, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale
+        )
     return out, weights

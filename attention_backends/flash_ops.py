@@ -14,8 +14,13 @@ _REGISTERED = [False]
 
 
 def _fwd_fake(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, seqlens_k: Tensor | None,
-    scale: float, is_causal: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    seqlens_k: Tensor | None,
+    scale: float,
+    is_causal: bool,
 ) -> tuple[Tensor, Tensor]:
     batch, heads_q, len_q, head_dim = q.shape
     out = q.new_empty((batch, heads_q, len_q, head_dim))
@@ -24,8 +29,16 @@ def _fwd_fake(
 
 
 def _bwd_fake(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Tensor | None,
-    seqlens_k: Tensor | None, scale: float, is_causal: bool,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    seqlens_k: Tensor | None,
+    scale: float,
+    is_causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 

@@ -42,7 +42,11 @@ def naive_attention(
     scores = scores.view(batch, heads_q, len_q, len_k)  # (B, Hq, Nq, Nk)
 
     masks = merge_masks(
-        len_q, len_k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+        len_q,
+        len_k,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
         device=q.device,
     )
     if masks.bias is not None:

@@ -27,7 +27,11 @@ def reference_attention(
     heads_kv, len_k = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     group = heads_q // heads_kv
-    q64, k64, v64 = q.double(), k.double().repeat_interleave(group, dim=1), v.double().repeat_interleave(group, dim=1)
+    q64, k64, v64 = (
+        q.double(),
+        k.double().repeat_interleave(group, dim=1),
+        v.double().repeat_interleave(group, dim=1),
+    )
     scores = torch.einsum("bhid,bhjd->bhij", q64, k64) * scale
 
     visible = torch.ones(batch, heads_q, len_q, len_k, dtype=torch.bool, device=q.device)

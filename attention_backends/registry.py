@@ -160,7 +160,9 @@ def resolve_backend(call: AttentionCall, name: str | None = None, strict: bool |
             return backend
         seen.append(backend.name)
         if strict or backend.fallback is None:
-            raise BackendUnsupportedError(f"attention backend '{backend.name}' cannot serve this call: {reason}")
+            raise BackendUnsupportedError(
+                f"attention backend '{backend.name}' cannot serve this call: {reason}"
+            )
         key = (backend.name, reason)
         if key not in _WARNED:
             _WARNED.add(key)
@@ -175,14 +177,20 @@ def resolve_backend(call: AttentionCall, name: str | None = None, strict: bool |
 
 
 def _check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
     dropout_p: float,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: expected {name} to be a Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"attention: expected {name} to have 4 dims (B, H, N, D), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"attention: expected {name} to have 4 dims (B, H, N, D), got shape {tuple(t.shape)}"
+            )
         if not t.is_floating_point():
             raise TypeError(f"attention: expected {name} to be a floating-point tensor, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -191,7 +199,9 @@ def _check_inputs(
         if t.device != q.device:
             raise ValueError(f"attention: expected {name} on q's device {q.device}, got {t.device}")
     if k.shape != v.shape:
-        raise ValueError(f"attention: expected k and v of the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"attention: expected k and v of the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(
             f"attention: expected q (B, Hq, Nq, D) and k (B, Hkv, Nk, D) to share B and D, "
@@ -218,7 +228,9 @@ def _check_inputs(
             )
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attention: expected attn_mask to be bool or floating point, got {attn_mask.dtype}")
+            raise TypeError(
+                f"attention: expected attn_mask to be bool or floating point, got {attn_mask.dtype}"
+            )
         full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             shape = torch.broadcast_shapes(attn_mask.shape, full)
@@ -230,7 +242,9 @@ def _check_inputs(
                 f"got {tuple(attn_mask.shape)}"
             )
         if attn_mask.device != q.device:
-            raise ValueError(f"attention: expected attn_mask on q's device {q.device}, got {attn_mask.device}")
+            raise ValueError(
+                f"attention: expected attn_mask on q's device {q.device}, got {attn_mask.device}"
+            )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: expected dropout_p in [0, 1), got {dropout_p}")
 

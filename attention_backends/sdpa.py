@@ -40,7 +40,11 @@ def sdpa_attention(
         return out, None
 
     masks = merge_masks(
-        len_q, len_k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+        len_q,
+        len_k,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
         device=q.device,
     )
     hidden_rows = masks.fully_masked_rows()  # (..., Nq, 1) or None
@@ -60,5 +64,3 @@ def sdpa_attention(
     if hidden_rows is not None:
         out = out.masked_fill(hidden_rows, 0.0)
     return out, None
-
-

@@ -78,7 +78,9 @@ class BackendSupport:
         dtypes = self.dtypes.get(call.device, FLOAT_DTYPES)
         if call.dtype not in dtypes:
             names = sorted(str(d).removeprefix("torch.") for d in dtypes)
-            return f"dtype {str(call.dtype).removeprefix('torch.')} on {call.device} is not supported ({names})"
+            return (
+                f"dtype {str(call.dtype).removeprefix('torch.')} on {call.device} is not supported ({names})"
+            )
         if call.device in self.head_dims:
             accepts, described = self.head_dims[call.device]
             if not accepts(call.head_dim):

@@ -48,7 +48,15 @@ SDPA_KERNELS: dict[str, SDPBackend] = {
 DIRECTIONS = ("fwd", "fwd_bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 PRESET_KEYS = (
-    "tokens", "hidden", "seqlens", "head_dims", "dtypes", "causal", "directions", "warmup_ms", "rep_ms",
+    "tokens",
+    "hidden",
+    "seqlens",
+    "head_dims",
+    "dtypes",
+    "causal",
+    "directions",
+    "warmup_ms",
+    "rep_ms",
 )
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench_preset"
 OURS = "flash"
@@ -396,8 +404,12 @@ def device_name(device: str) -> str:
 def grid_size(settings: Settings) -> int:
     """The number of measured points."""
     return (
-        len(settings.dtypes) * len(settings.head_dims) * len(settings.seqlens) * len(settings.causal)
-        * len(settings.directions) * len(settings.backends)
+        len(settings.dtypes)
+        * len(settings.head_dims)
+        * len(settings.seqlens)
+        * len(settings.causal)
+        * len(settings.directions)
+        * len(settings.backends)
     )
 
 
@@ -407,9 +419,20 @@ def make_row(
     """The row of one measured point, with its TFLOP/s."""
     tflops = attention_flops(shape, causal, direction) / (result.ms * 1e9) if result.ms else None
     return Row(
-        **common, backend=label, dtype=shape.dtype, head_dim=shape.head_dim, seqlen=shape.seqlen,
-        batch=shape.batch, heads=shape.heads, causal=causal, direction=direction, ms=result.ms, tflops=tflops,
-        peak_mib=result.peak_mib, status=result.status, note=result.note,
+        **common,
+        backend=label,
+        dtype=shape.dtype,
+        head_dim=shape.head_dim,
+        seqlen=shape.seqlen,
+        batch=shape.batch,
+        heads=shape.heads,
+        causal=causal,
+        direction=direction,
+        ms=result.ms,
+        tflops=tflops,
+        peak_mib=result.peak_mib,
+        status=result.status,
+        note=result.note,
     )
 
 
@@ -462,15 +485,19 @@ def derive_backward(rows: list[Row]) -> list[Row]:
         ms = row.ms - fwd.ms
         shape = Shape(row.dtype, row.head_dim, row.seqlen, row.batch, row.heads)
         good = ms > 0
-        derived.append(Row(**{
-            **asdict(row),
-            "direction": "bwd",
-            "ms": ms if good else None,
-            "tflops": attention_flops(shape, row.causal, "bwd") / (ms * 1e9) if good else None,
-            "peak_mib": None,
-            "status": OK if good else NOISY,
-            "note": "fwd_bwd - fwd" if good else "fwd_bwd not slower than fwd (timing noise)",
-        }))
+        derived.append(
+            Row(
+                **{
+                    **asdict(row),
+                    "direction": "bwd",
+                    "ms": ms if good else None,
+                    "tflops": attention_flops(shape, row.causal, "bwd") / (ms * 1e9) if good else None,
+                    "peak_mib": None,
+                    "status": OK if good else NOISY,
+                    "note": "fwd_bwd - fwd" if good else "fwd_bwd not slower than fwd (timing noise)",
+                }
+            )
+        )
     return derived
 
 

@@ -92,8 +92,15 @@ def point_columns(point: tuple[Any, ...], row: Mapping[str, Record]) -> list[str
     """The leading columns of a table line: dtype, D, causal, direction, N, batch, heads."""
     dtype, head_dim, causal, direction, seqlen = point
     first = next(iter(row.values()))
-    return [dtype, str(head_dim), "yes" if causal else "no", direction, str(seqlen), str(first["batch"]),
-            str(first["heads"])]
+    return [
+        dtype,
+        str(head_dim),
+        "yes" if causal else "no",
+        direction,
+        str(seqlen),
+        str(first["batch"]),
+        str(first["heads"]),
+    ]
 
 
 LEADING = ["dtype", "D", "causal", "dir", "N", "B", "H"]
@@ -176,8 +183,13 @@ def plot_metric(records: Sequence[Record], key: str, ylabel: str, out_dir: Path)
             len(head_dims), len(causals), figsize=(5.5 * len(causals), 4 * len(head_dims)), squeeze=False
         )
         for (i, head_dim), (j, causal) in ((a, b) for a in enumerate(head_dims) for b in enumerate(causals)):
-            _draw_panel(axes[i][j], [r for r in good if r["head_dim"] == head_dim and r["causal"] == causal],
-                        backends_in(group), key, ylabel)
+            _draw_panel(
+                axes[i][j],
+                [r for r in good if r["head_dim"] == head_dim and r["causal"] == causal],
+                backends_in(group),
+                key,
+                ylabel,
+            )
             axes[i][j].set_title(f"{dtype} {direction}, D={head_dim}, {'causal' if causal else 'non-causal'}")
         fig.tight_layout()
         path = out_dir / f"{key}_{dtype}_{direction}.png"

@@ -112,8 +112,17 @@ def test_tiny_sweep_writes_results(tmp_path, test_backends):
 
 
 def test_table_ratio_and_statuses():
-    base = {"dtype": "bf16", "head_dim": 64, "causal": False, "direction": "fwd", "seqlen": 512, "batch": 32,
-            "heads": 16, "ms": 1.0, "peak_mib": None}
+    base = {
+        "dtype": "bf16",
+        "head_dim": 64,
+        "causal": False,
+        "direction": "fwd",
+        "seqlen": 512,
+        "batch": 32,
+        "heads": 16,
+        "ms": 1.0,
+        "peak_mib": None,
+    }
     records = [
         {**base, "backend": "sdpa_flash", "tflops": 200.0, "status": "ok"},
         {**base, "backend": "flash", "tflops": 300.0, "status": "ok"},

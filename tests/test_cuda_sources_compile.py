@@ -17,7 +17,9 @@ KERNEL_SOURCES = sorted((_build.CSRC / "cuda" / "instantiations").glob("*.cu"))
 
 
 def _nvcc() -> str:
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    nvcc = shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+    )
     if nvcc is None:
         if os.environ.get("FLASH_ATTN_REQUIRE_NVCC") == "1":
             pytest.fail("nvcc not found but FLASH_ATTN_REQUIRE_NVCC=1")
@@ -40,9 +42,16 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
         flags += _build.DEFAULT_CUDA_ARCH_FLAGS
 
     def compile_one(source: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        cmd = [nvcc, *flags, *(f"-I{d}" for d in _build.include_dirs()), "-c", str(source),
-               "-o", str(tmp_path / f"{source.stem}.o")]
-        return source, subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [
+            nvcc,
+            *flags,
+            *(f"-I{d}" for d in _build.include_dirs()),
+            "-c",
+            str(source),
+            "-o",
+            str(tmp_path / f"{source.stem}.o"),
+        ]
+        return source, subprocess.run(cmd, capture_output=True, text=True, check=False)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = list(pool.map(compile_one, KERNEL_SOURCES))

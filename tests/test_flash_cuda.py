@@ -37,7 +37,11 @@ def make(shape, head_dim, dtype, mask_kind, seed, non_contiguous=False):
 
     def rand(heads, length):
         if non_contiguous:  # (B, N, H, D) storage viewed as (B, H, N, D)
-            return torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen).transpose(1, 2).to(dtype)
+            return (
+                torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen)
+                .transpose(1, 2)
+                .to(dtype)
+            )
         return torch.randn(batch, heads, length, head_dim, device="cuda", generator=gen).to(dtype)
 
     q, k, v = rand(heads_q, len_q), rand(heads_kv, len_k), rand(heads_kv, len_k)
@@ -68,11 +72,16 @@ def check_against_sdpa(q, k, v, kwargs):
     assert torch.isfinite(out).all(), "forward has NaN/inf (unwritten or poisoned elements)"
     # 1e-5 of slack: with one visible key dq is 0 in exact arithmetic and both errors are rounding noise.
     assert relative_error(out, ref) <= 2 * relative_error(sdpa_out, ref) + 1e-5, (
-        relative_error(out, ref), relative_error(sdpa_out, ref))
+        relative_error(out, ref),
+        relative_error(sdpa_out, ref),
+    )
     for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads, strict=True):
         assert torch.isfinite(g).all(), f"d{name} has NaN/inf"
         assert relative_error(g, r) <= 2 * relative_error(s, r) + 1e-5, (
-            name, relative_error(g, r), relative_error(s, r))
+            name,
+            relative_error(g, r),
+            relative_error(s, r),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -111,10 +120,11 @@ def test_seqlens_k_masks_and_aligns_causal(causal):
     k = torch.randn(batch, heads, len_k, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     lengths = torch.tensor([40, 17, 3], device="cuda", dtype=torch.int32)
-    out, lse = torch.ops.flash_attn.fwd(q, k, v, None, lengths, head_dim**-0.5, causal)
+    out, _ = torch.ops.flash_attn.fwd(q, k, v, None, lengths, head_dim**-0.5, causal)
     for b, length in enumerate(lengths.tolist()):
-        ref, _ = reference_attention(q[b : b + 1, :, :, :], k[b : b + 1, :, :length], v[b : b + 1, :, :length],
-                                     is_causal=causal)
+        ref, _ = reference_attention(
+            q[b : b + 1, :, :, :], k[b : b + 1, :, :length], v[b : b + 1, :, :length], is_causal=causal
+        )
         assert relative_error(out[b : b + 1], ref) < 2e-2
 
 

@@ -85,8 +85,13 @@ def test_functional_entry():
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, **env}, timeout=900,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        timeout=900,
+        check=False,
     )
 
 
@@ -115,14 +120,19 @@ def test_build_lock_times_out_instead_of_hanging(tmp_path):
     from attention_backends.extension import _acquire
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import fcntl, os, sys, time
-            fd = os.open({str(tmp_path / 'x.lock')!r}, os.O_RDWR | os.O_CREAT)
+            fd = os.open({str(tmp_path / "x.lock")!r}, os.O_RDWR | os.O_CREAT)
             fcntl.flock(fd, fcntl.LOCK_EX)
             print("locked", flush=True)
             time.sleep(30)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -146,8 +156,14 @@ def test_two_processes_build_just_in_time_at_once(tmp_path):
     """
     env = {**os.environ, "FLASH_ATTN_DISABLE_PREBUILT": "1", "MAX_JOBS": "2"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     for proc in procs:

@@ -44,9 +44,8 @@ def test_unknown_name_lists_registered_backends(qkv):
         ab.get_backend("nope")
     with pytest.raises(ValueError, match="unknown attention backend"):
         ab.attention(*qkv, backend="nope")
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        with ab.use_backend("nope"):
-            pass
+    with pytest.raises(ValueError, match="unknown attention backend"), ab.use_backend("nope"):
+        pass
 
 
 def test_custom_backend_selected_by_name_everywhere(qkv, doubled_backend):
@@ -63,15 +62,16 @@ def test_custom_backend_selected_by_name_everywhere(qkv, doubled_backend):
 
 
 def test_use_backend_restores_on_error(qkv):
-    with pytest.raises(RuntimeError):
-        with ab.use_backend("naive", strict=True):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ab.use_backend("naive", strict=True):
+        raise RuntimeError("boom")
     assert ab.get_default_backend() == "sdpa" and not ab.is_strict()
 
 
 def test_fallback_warns_once_per_reason_and_names_it(qkv, fresh_warnings):
-    with pytest.warns(UserWarning, match=r"'sdpa' cannot serve this call \(need_weights=True is not supported\)"):
-        out, weights = ab.attention(*qkv, backend="sdpa", need_weights=True)
+    with pytest.warns(
+        UserWarning, match=r"'sdpa' cannot serve this call \(need_weights=True is not supported\)"
+    ):
+        _, weights = ab.attention(*qkv, backend="sdpa", need_weights=True)
     assert weights is not None and ab.last_backend_used() == "naive"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -81,9 +81,8 @@ def test_fallback_warns_once_per_reason_and_names_it(qkv, fresh_warnings):
 def test_strict_raises_with_the_reason(qkv):
     with pytest.raises(ab.BackendUnsupportedError, match="need_weights=True is not supported"):
         ab.attention(*qkv, backend="sdpa", need_weights=True, strict=True)
-    with ab.use_backend("sdpa", strict=True):
-        with pytest.raises(ab.BackendUnsupportedError, match="need_weights"):
-            ab.attention(*qkv, need_weights=True)
+    with ab.use_backend("sdpa", strict=True), pytest.raises(ab.BackendUnsupportedError, match="need_weights"):
+        ab.attention(*qkv, need_weights=True)
 
 
 def test_flash_falls_back_for_arbitrary_masks(qkv, fresh_warnings):

@@ -36,8 +36,15 @@ def flash_attention_cuda(
         returns out (B, Hq, Nq, D) and weights (B, Hq, Nq, Nk) when ``need_weights``, else None.
     """
     return attention(
-        q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale, need_weights=need_weights,
-        backend="flash", strict=strict,
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        scale=scale,
+        need_weights=need_weights,
+        backend="flash",
+        strict=strict,
     )
 
 
@@ -62,8 +69,15 @@ class CUDAMultiHeadAttention(MultiHeadAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, device=device, dtype=dtype,
-            backend="flash", num_kv_heads=num_kv_heads,
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            batch_first=True,
+            device=device,
+            dtype=dtype,
+            backend="flash",
+            num_kv_heads=num_kv_heads,
         )
 
 
@@ -93,7 +107,13 @@ class FlashAttention(MultiHeadAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            d_model, num_heads, bias=bias, batch_first=True, device=device, dtype=dtype, backend="flash",
+            d_model,
+            num_heads,
+            bias=bias,
+            batch_first=True,
+            device=device,
+            dtype=dtype,
+            backend="flash",
             num_kv_heads=num_kv_heads,
         )
 
@@ -107,6 +127,11 @@ class FlashAttention(MultiHeadAttention):
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         return super().forward(
-            q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights, average_attn_weights=False,
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            average_attn_weights=False,
             is_causal=is_causal,
         )
