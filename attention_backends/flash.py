@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from .extension import extension_error, has_kernels_for
 from .masks import merge_masks
+from .naive import grouped_scores
 from .registry import register_backend
 from .support import BackendSupport
 
@@ -51,14 +51,10 @@ def weights_from_lse(
         returns (B, Hq, Nq, Nk) in q's dtype; rows with no visible key are 0.
     The weights are computed without autograd: gradients flow through the attention output.
     """
-    batch, heads_q, len_q, _ = q.shape
-    heads_kv, len_k = k.shape[1], k.shape[2]
-    group = heads_q // heads_kv
+    len_q, len_k = q.shape[2], k.shape[2]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        q_grouped = rearrange(q, "b (h g) n d -> b h (g n) d", g=group).to(compute_dtype)
-        scores = torch.matmul(q_grouped, k.to(compute_dtype).transpose(-1, -2)) * scale
-        scores = scores.view(batch, heads_q, len_q, len_k)  # (B, Hq, Nq, Nk)
+        scores = grouped_scores(q, k, scale, compute_dtype)  # (B, Hq, Nq, Nk)
         allowed = merge_masks(
             len_q,
             len_k,

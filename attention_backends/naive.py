@@ -10,6 +10,20 @@ from torch import Tensor
 from .masks import merge_masks
 
 
+def grouped_scores(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """Q Kᵀ · scale in ``dtype`` for grouped-query attention, without copying k.
+
+    Shape:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); returns (B, Hq, Nq, Nk).
+    """
+    batch, heads_q, len_q, _ = q.shape
+    heads_kv, len_k = k.shape[1], k.shape[2]
+    # Fold the query heads of each group into the rows: one matmul per kv head.
+    q_grouped = rearrange(q, "b (h g) n d -> b h (g n) d", g=heads_q // heads_kv).to(dtype)
+    scores = torch.matmul(q_grouped, k.to(dtype).transpose(-1, -2)) * scale  # (B, Hkv, G*Nq, Nk)
+    return scores.view(batch, heads_q, len_q, len_k)
+
+
 def naive_attention(
     q: Tensor,
     k: Tensor,
@@ -35,11 +49,7 @@ def naive_attention(
     heads_kv, len_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-
-    # Grouped-query attention without copying k and v: fold the group into the query rows.
-    q_grouped = rearrange(q, "b (h g) n d -> b h (g n) d", g=group).to(compute_dtype)
-    scores = torch.matmul(q_grouped, k.to(compute_dtype).transpose(-1, -2)) * scale  # (B, Hkv, G*Nq, Nk)
-    scores = scores.view(batch, heads_q, len_q, len_k)  # (B, Hq, Nq, Nk)
+    scores = grouped_scores(q, k, scale, compute_dtype)  # (B, Hq, Nq, Nk)
 
     masks = merge_masks(
         len_q,

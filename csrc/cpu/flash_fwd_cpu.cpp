@@ -13,37 +13,9 @@
 #include "../flash_checks.h"
 #include "flash_cpu_common.h"
 
-#if FLASH_CPU_MULTI_ISA
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2")
-#define FLASH_CPU_ISA avx512
-#define FLASH_CPU_VBYTES 64
-#define FLASH_CPU_ISA_LEVEL 2
-#include "flash_fwd_cpu_kernel.h"
-#undef FLASH_CPU_ISA
-#undef FLASH_CPU_VBYTES
-#undef FLASH_CPU_ISA_LEVEL
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
-#define FLASH_CPU_ISA avx2
-#define FLASH_CPU_VBYTES 32
-#define FLASH_CPU_ISA_LEVEL 1
-#include "flash_fwd_cpu_kernel.h"
-#undef FLASH_CPU_ISA
-#undef FLASH_CPU_VBYTES
-#undef FLASH_CPU_ISA_LEVEL
-#pragma GCC pop_options
-#endif
-
-#define FLASH_CPU_ISA generic
-#define FLASH_CPU_VBYTES 16
-#define FLASH_CPU_ISA_LEVEL 0
-#include "flash_fwd_cpu_kernel.h"
-#undef FLASH_CPU_ISA
-#undef FLASH_CPU_VBYTES
-#undef FLASH_CPU_ISA_LEVEL
+#define FLASH_CPU_KERNEL_HEADER "flash_fwd_cpu_kernel.h"
+#include "flash_cpu_isa_variants.h"
+#undef FLASH_CPU_KERNEL_HEADER
 
 namespace flash {
 namespace cpu {
