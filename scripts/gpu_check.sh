@@ -27,7 +27,7 @@ if [[ " $stages " == *" tests "* ]]; then
   # Error-path tests first and apart: a crash there must not hide the rest.
   python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "bad_inputs" > /tmp/tests_errors.log 2>&1
   note "tests (bad inputs): rc=$? $(tail -1 /tmp/tests_errors.log)"
-  python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "not bad_inputs" \
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/ -k "not bad_inputs" \
     > "$OUT/tests.log" 2>&1
   note "tests: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
