@@ -24,6 +24,43 @@ from .layers import Activation, DecoderLayer, EncoderLayer
 __all__ = ["Decoder", "Encoder", "SinusoidalPositionalEncoding", "Transformer"]
 
 
+def _layer_stack(
+    layer_class: type[EncoderLayer | DecoderLayer],
+    num_layers: int,
+    d_model: int,
+    num_heads: int,
+    dim_feedforward: int,
+    dropout: float,
+    activation: Activation,
+    norm_first: bool,
+    layer_norm_eps: float,
+    num_kv_heads: int | None,
+    backend: str | None,
+    bias: bool,
+) -> tuple[nn.ModuleList, nn.LayerNorm | None]:
+    """``num_layers`` batch-first layers of one class, and the final LayerNorm that pre-norm stacks need."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    layers = nn.ModuleList(
+        layer_class(
+            d_model,
+            num_heads,
+            dim_feedforward,
+            dropout,
+            activation,
+            norm_first,
+            layer_norm_eps,
+            batch_first=True,
+            num_kv_heads=num_kv_heads,
+            backend=backend,
+            bias=bias,
+        )
+        for _ in range(num_layers)
+    )
+    norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+    return layers, norm
+
+
 class Encoder(nn.Module):
     """A stack of ``EncoderLayer`` with a final LayerNorm when ``norm_first`` (pre-norm).
 
@@ -48,25 +85,20 @@ class Encoder(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                d_model,
-                num_heads,
-                dim_feedforward,
-                dropout,
-                activation,
-                norm_first,
-                layer_norm_eps,
-                batch_first=True,
-                num_kv_heads=num_kv_heads,
-                backend=backend,
-                bias=bias,
-            )
-            for _ in range(num_layers)
+        self.layers, self.norm = _layer_stack(
+            EncoderLayer,
+            num_layers,
+            d_model,
+            num_heads,
+            dim_feedforward,
+            dropout,
+            activation,
+            norm_first,
+            layer_norm_eps,
+            num_kv_heads,
+            backend,
+            bias,
         )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
 
     def forward(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
         x = src  # (B, S, E)
@@ -100,25 +132,20 @@ class Decoder(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                d_model,
-                num_heads,
-                dim_feedforward,
-                dropout,
-                activation,
-                norm_first,
-                layer_norm_eps,
-                batch_first=True,
-                num_kv_heads=num_kv_heads,
-                backend=backend,
-                bias=bias,
-            )
-            for _ in range(num_layers)
+        self.layers, self.norm = _layer_stack(
+            DecoderLayer,
+            num_layers,
+            d_model,
+            num_heads,
+            dim_feedforward,
+            dropout,
+            activation,
+            norm_first,
+            layer_norm_eps,
+            num_kv_heads,
+            backend,
+            bias,
         )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
 
     def forward(
         self,
