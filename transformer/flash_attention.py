@@ -81,7 +81,7 @@ class CUDAMultiHeadAttention(MultiHeadAttention):
         )
 
 
-class FlashAttention(MultiHeadAttention):
+class FlashAttention(CUDAMultiHeadAttention):
     """Multi-head attention module on the flash kernels with a batch-first, weights-off-by-default forward.
 
     Args:
@@ -106,16 +106,7 @@ class FlashAttention(MultiHeadAttention):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(
-            d_model,
-            num_heads,
-            bias=bias,
-            batch_first=True,
-            device=device,
-            dtype=dtype,
-            backend="flash",
-            num_kv_heads=num_kv_heads,
-        )
+        super().__init__(d_model, num_heads, bias=bias, num_kv_heads=num_kv_heads, device=device, dtype=dtype)
 
     def forward(  # type: ignore[override]
         self,
