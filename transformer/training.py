@@ -202,8 +202,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file next to ``path``, then atomically rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them the checkpoint
     os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "config")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -211,7 +217,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(to_absolute_path(str(path)))
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged archive
+        raise ValueError(
+            f"trainer.resume: {path} is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: {err})"
+        ) from err
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"trainer.resume: {path} is not a training checkpoint (missing {missing})")
+    return state
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
