@@ -64,8 +64,12 @@ def naive_attention(
     if masks.allowed is not None:
         scores = scores.masked_fill(~masks.allowed, float("-inf"))
 
-    # Softmax that leaves fully masked rows at 0 instead of NaN.
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    # Softmax that leaves fully masked rows at 0 instead of NaN (with no keys at all, every row is).
+    row_max = (
+        scores.detach().amax(dim=-1, keepdim=True)
+        if len_k > 0
+        else scores.new_zeros(scores.shape[:-1] + (1,))
+    )
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp_scores = torch.exp(scores - row_max)
     row_sum = exp_scores.sum(dim=-1, keepdim=True)
