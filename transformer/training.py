@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import attention_backends
 
+from .distributed import global_sum, init_distributed, local_slice, shutdown_distributed
 from .model import Transformer
 from .tasks import Batch, ToyTask
 
@@ -324,12 +326,21 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     ``output_dir`` defaults to Hydra's run directory when called under ``@hydra.main``.
     """
     device = validate_config(cfg)
+    ctx, device = init_distributed(device)
     out_dir = _output_dir(output_dir)
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)
     trainer = cfg.trainer
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
     model = build_model(cfg).to(device)
-    optimizer = instantiate(trainer.optimizer)(model.parameters())  # _partial_: true config
+    optimizer = instantiate(trainer.optimizer)(model.parameters())
+    # DDP averages gradients over ranks; the loss below is scaled so the average is the global mean.
+    ddp_model = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if (ctx.enabled)
+        else model
+    )  # _partial_: true config
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(
@@ -361,6 +372,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         return torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "fp32")
 
     def checkpoint() -> None:
+        if not ctx.is_main:
+            return
         save_checkpoint(
             out_dir / "checkpoint.pt",
             {
@@ -382,21 +395,34 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     eval_metrics: dict[str, float] = {}
     started = time.perf_counter()
     with (
-        open(out_dir / "metrics.jsonl", "a") as jsonl,
+        open(out_dir / "metrics.jsonl", "a") if ctx.is_main else open(os.devnull, "w") as jsonl,
         logging_redirect_tqdm(),
         _track_backends() as backend_calls,
-        tqdm(total=trainer.steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, disable=None) as bar,
+        tqdm(
+            total=trainer.steps,
+            initial=step,
+            desc=f"{task.name}",
+            dynamic_ncols=True,
+            disable=None if ctx.is_main else True,
+        ) as bar,
     ):
         while step < stop_at:
             t0 = time.perf_counter()
-            batch = task.sample(trainer.batch_size, generator).to(device)
+            global_batch = task.sample(trainer.batch_size, generator)
+            batch = local_slice(global_batch, ctx).to(device)
             with autocast():
-                logits = model(
+                logits = ddp_model(
                     batch.src, batch.tgt_in, batch.src_key_padding_mask, batch.tgt_key_padding_mask
                 )
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=task.pad_id
+            valid = ~batch.tgt_key_padding_mask
+            loss_sum = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                batch.tgt_out.flatten(),
+                ignore_index=task.pad_id,
+                reduction="sum",
             )
+            counts = global_sum(torch.stack([valid.sum().float(), loss_sum.detach()]), ctx)
+            loss = loss_sum * ctx.world_size / counts[0]  # DDP's average over ranks gives the global mean
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -408,11 +434,11 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
             step += 1
 
             with torch.no_grad():
-                valid = ~batch.tgt_key_padding_mask
-                accuracy = float(((logits.argmax(-1) == batch.tgt_out) & valid).sum() / valid.sum())
-            loss_value = float(loss.detach())
+                hits = global_sum(((logits.argmax(-1) == batch.tgt_out) & valid).sum().float(), ctx)
+                accuracy = float(hits / counts[0])
+            loss_value = float(counts[1] / counts[0])
             step_time += time.perf_counter() - t0
-            tokens_seen += batch.num_tokens
+            tokens_seen += global_batch.num_tokens
             tokens_per_second = tokens_seen / max(step_time, 1e-9)
             record = {
                 "kind": "train",
@@ -467,6 +493,9 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         "seed": cfg.seed,
         "output_dir": str(out_dir),
     }
-    _write_json(out_dir / "metrics.json", metrics)
-    log.info("metrics: %s", json.dumps(metrics))
+    metrics["world_size"] = ctx.world_size
+    if ctx.is_main:
+        _write_json(out_dir / "metrics.json", metrics)
+        log.info("metrics: %s", json.dumps(metrics))
+    shutdown_distributed(ctx)
     return metrics
