@@ -1,5 +1,5 @@
 // The flash_attn op library: schemas only. The CPU and CUDA implementations register themselves
-// apart (cpu/flash_cpu.cpp, cuda/flash_api_cuda.cpp); the Python side (attention_backends/flash_ops.py)
+// apart (cpu/flash_{fwd,bwd}_cpu.cpp, cuda/flash_{fwd,bwd}_api.cpp); the Python side (attention_backends/flash_ops.py)
 // adds the fake (meta) kernels and autograd.
 #include <Python.h>
 #include <torch/library.h>
