@@ -247,7 +247,7 @@ def test_generate_shapes_and_tokens():
 def scripted_decode(model: Transformer, scripts: list[list[int]], vocab: int = 13):
     """Replace ``model.decode`` with one whose greedy choice at step t is ``scripts[b][t]``."""
 
-    def decode(tgt_in, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None):
+    def decode(tgt_in, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None, cache=None):
         step = tgt_in.shape[1] - 1
         logits = torch.zeros(tgt_in.shape[0], tgt_in.shape[1], vocab)
         for b, script in enumerate(scripts):

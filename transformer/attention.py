@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from attention_backends import attention
 
+from .kv_cache import CachedKeys, CrossAttentionCache, SelfAttentionCache
+
 __all__ = ["MultiHeadAttention"]
 
 
@@ -188,6 +190,8 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        kv_cache: SelfAttentionCache | CrossAttentionCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value``.
 
@@ -199,6 +203,9 @@ class MultiHeadAttention(nn.Module):
             average_attn_weights: average the returned weights over heads.
             is_causal: causal (bottom-right aligned) masking when ``attn_mask`` is None; when an
                 ``attn_mask`` is given it is used as is (``is_causal`` is then only a hint, as in torch).
+            kv_cache: incremental decoding (batch-first, batched input only; see ``_forward_cached``).
+                A ``SelfAttentionCache`` appends the new keys/values and attends to all cached ones;
+                a ``CrossAttentionCache`` projects ``key``/``value`` on the first call only.
 
         Returns:
             ``(attn_output, attn_weights)``; ``attn_weights`` is None unless ``need_weights``. A query
@@ -206,6 +213,15 @@ class MultiHeadAttention(nn.Module):
         """
         is_batched = query.dim() == 3
         self._check_inputs(query, key, value, is_batched)
+        if kv_cache is not None:
+            if attn_mask is not None:
+                raise ValueError("MultiHeadAttention with a kv_cache takes no attn_mask")
+            out, weights = self._forward_cached(
+                query, key, value, kv_cache, key_padding_mask, need_weights, is_causal
+            )
+            if need_weights and weights is not None and average_attn_weights:
+                weights = weights.mean(dim=1)  # (N, L, Nk)
+            return out, weights
         if not is_batched:
             # (L, E) -> (1, L, E)
             query, key, value = _map_keeping_identity(lambda t: t.unsqueeze(0), query, key, value)
@@ -249,6 +265,69 @@ class MultiHeadAttention(nn.Module):
         elif not self.batch_first:
             out = rearrange(out, "n l e -> l n e")
         return out, weights
+
+    def _forward_cached(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        kv_cache: SelfAttentionCache | CrossAttentionCache,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention against cached keys/values.
+
+        The self-attention cache receives the keys/values of the new positions and returns all the
+        filled ones; the query positions are the last ``L`` of the ``Nk`` keys, so bottom-right causal
+        masking is exact for sequences of one length, and the cache supplies a key padding mask (and
+        for several new positions an explicit mask) when the per-sequence lengths differ. For
+        cross-attention ``key``/``value`` are projected on the first call only.
+
+        Shape::
+
+            query             (N, L, E)
+            key, value        (N, S, kdim) / (N, S, vdim): the new positions (self-attention) or the
+                              memory (cross-attention; ignored once cached)
+            key_padding_mask  (N, Nk) bool or None, combined with the cache's own mask
+            returns           (N, L, E) and weights (N, H, L, Nk) or None
+        """
+        if query.dim() != 3 or not self.batch_first:
+            raise ValueError("MultiHeadAttention with a kv_cache needs batched, batch-first input")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"with a kv_cache, key_padding_mask must be bool, got {key_padding_mask.dtype}")
+        if kv_cache.needs_projection:
+            q, k, v = self._project(query, key, value)
+            k = rearrange(k, "n s (h d) -> n h s d", h=self.num_kv_heads)  # (N, Hkv, S, Dh)
+            v = rearrange(v, "n s (h d) -> n h s d", h=self.num_kv_heads)  # (N, Hkv, S, Dh)
+            cached: CachedKeys = kv_cache.update(k, v)
+        else:
+            e = self.embed_dim
+            w_q = self.in_proj_weight[:e] if self._packed_in_proj else self.q_proj_weight
+            b_q = None if self.in_proj_bias is None else self.in_proj_bias[:e]
+            q = F.linear(query, w_q, b_q)
+            cached = kv_cache.update(None, None)
+        q = rearrange(q, "n l (h d) -> n h l d", h=self.num_heads)  # (N, H, L, Dh)
+
+        masks = [m for m in (key_padding_mask, cached.key_padding_mask) if m is not None]
+        merged = None if not masks else masks[0] if len(masks) == 1 else masks[0] | masks[1]
+        attn_mask = cached.attn_mask
+        causal = bool(is_causal) and attn_mask is None
+        if attn_mask is not None and not is_causal:
+            attn_mask = None  # the cache's mask is the causal one: not wanted here
+        out, weights = attention(
+            q,
+            cached.k,
+            cached.v,
+            key_padding_mask=merged,
+            attn_mask=attn_mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+            backend=self.backend,
+        )
+        out = self.out_proj(rearrange(out, "n h l d -> n l (h d)"))  # (N, L, E)
+        return out, weights if need_weights else None
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool) -> None:
         """Raise ValueError on inputs of the wrong rank or width."""

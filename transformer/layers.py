@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
+from .kv_cache import CrossAttentionCache, LayerKVCache, SelfAttentionCache
 
 __all__ = ["DecoderLayer", "EncoderLayer", "causal_mask", "resolve_activation"]
 
@@ -239,34 +240,70 @@ class DecoderLayer(_SublayerMixin, nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         tgt_is_causal: bool = True,
         memory_is_causal: bool = False,
+        *,
+        layer_cache: LayerKVCache | None = None,
     ) -> Tensor:
-        """Decode ``tgt`` attending to ``memory``; self-attention is causal unless ``tgt_is_causal=False``."""
+        """Decode ``tgt`` attending to ``memory``; self-attention is causal unless ``tgt_is_causal=False``.
+
+        With ``layer_cache`` (incremental decoding), ``tgt`` (B, n, E) holds only the new positions:
+        their keys/values are appended to the self-attention cache and the queries attend to every
+        cached position (bottom-right causal); the memory's keys/values are projected on the first
+        call and reused afterwards. ``tgt_key_padding_mask`` then covers the cached keys (B, Nk).
+        """
+        sa_cache = ca_cache = None
+        if layer_cache is not None:
+            if not (
+                isinstance(self.self_attn, MultiHeadAttention)
+                and isinstance(self.multihead_attn, MultiHeadAttention)
+            ):
+                raise TypeError("layer_cache needs MultiHeadAttention self- and cross-attention modules")
+            sa_cache, ca_cache = layer_cache.self_attn, layer_cache.cross_attn
         x = tgt
         if self.norm_first:
-            x = self._add(x, self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self._add(
+                x,
+                self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, sa_cache),
+            )
             x = self._add(
                 x,
                 self._mha_block(
-                    self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+                    self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal, ca_cache
                 ),
             )
             x = self._add(x, self._ff_block(self.norm3(x)))
         else:
             x = self._add_norm(
-                x, self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), self.norm1
+                x, self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, sa_cache), self.norm1
             )
             x = self._add_norm(
                 x,
-                self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal),
+                self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal, ca_cache),
                 self.norm2,
             )
             x = self._add_norm(x, self._ff_block(x), self.norm3)
         return x
 
     def _sa_block(
-        self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: SelfAttentionCache | None = None,
     ) -> Tensor:
         """Self-attention sublayer output (before the residual add)."""
+        if kv_cache is not None:
+            x = self.self_attn(
+                x,
+                x,
+                x,
+                key_padding_mask=key_padding_mask,
+                need_weights=False,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                kv_cache=kv_cache,
+            )[0]
+            return self.dropout1(x)
         masks = self._self_attention_kwargs(self.self_attn, x, attn_mask, is_causal)
         x = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False, **masks)[0]
         return self.dropout1(x)
@@ -278,11 +315,13 @@ class DecoderLayer(_SublayerMixin, nn.Module):
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | None,
         is_causal: bool,
+        kv_cache: CrossAttentionCache | None = None,
     ) -> Tensor:
         """Cross-attention sublayer output (before the residual add)."""
         if is_causal and attn_mask is None and not isinstance(self.multihead_attn, MultiHeadAttention):
             seq_dim = self._seq_dim(x)
             attn_mask = causal_mask(x.shape[seq_dim], memory.shape[seq_dim], device=x.device)
+        cache_kwargs = {} if kv_cache is None else {"kv_cache": kv_cache}
         x = self.multihead_attn(
             x,
             memory,
@@ -291,6 +330,7 @@ class DecoderLayer(_SublayerMixin, nn.Module):
             attn_mask=attn_mask,
             need_weights=False,
             is_causal=is_causal,
+            **cache_kwargs,
         )[0]
         return self.dropout2(x)
 

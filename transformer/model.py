@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .kv_cache import KVCache
 from .layers import Activation, DecoderLayer, EncoderLayer
 
 __all__ = ["Decoder", "Encoder", "SinusoidalPositionalEncoding", "Transformer"]
@@ -115,6 +116,7 @@ class Decoder(nn.Module):
     Shape:
         tgt: (B, T, E); memory: (B, S, E); tgt_key_padding_mask: (B, T) bool;
         memory_key_padding_mask: (B, S) bool. returns (B, T, E).
+        With ``cache``: tgt (B, n, E) holds only the new positions; returns (B, n, E).
     """
 
     def __init__(
@@ -153,16 +155,23 @@ class Decoder(nn.Module):
         memory: Tensor,
         tgt_key_padding_mask: Tensor | None = None,
         memory_key_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
+        """Run the stack; with ``cache``, append the new positions to it (and advance its lengths)."""
+        if cache is not None and cache.num_layers != len(self.layers):
+            raise ValueError(f"cache has {cache.num_layers} layers, the decoder {len(self.layers)}")
         x = tgt  # (B, T, E)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             x = layer(
                 x,
                 memory,
                 tgt_key_padding_mask=tgt_key_padding_mask,
                 memory_key_padding_mask=memory_key_padding_mask,
                 tgt_is_causal=True,
+                **({} if cache is None else {"layer_cache": cache.layer(index)}),
             )
+        if cache is not None:
+            cache.advance(tgt.shape[1])
         return self.norm(x) if self.norm is not None else x
 
 
@@ -170,7 +179,7 @@ class SinusoidalPositionalEncoding(nn.Module):
     """Fixed sine/cosine position encodings, added to the input.
 
     Shape:
-        x: (B, N, E) with N <= max_len. returns (B, N, E).
+        x: (B, N, E) with offset + N <= max_len. returns (B, N, E).
     """
 
     def __init__(self, d_model: int, max_len: int) -> None:
@@ -189,11 +198,12 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.register_buffer("table", table, persistent=False)
         self.max_len = max_len
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Add the encodings of positions ``offset .. offset + N - 1``."""
         n = x.shape[1]
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
-        return x + self.table[:n].to(x.dtype)  # (B, N, E)
+        if offset + n > self.max_len:
+            raise ValueError(f"sequence length {offset + n} exceeds max_len {self.max_len}")
+        return x + self.table[offset : offset + n].to(x.dtype)  # (B, N, E)
 
 
 class Transformer(nn.Module):
@@ -278,9 +288,9 @@ class Transformer(nn.Module):
         for embed in (self.src_embed, self.tgt_embed):
             nn.init.normal_(embed.weight, std=self.d_model**-0.5)
 
-    def _embed(self, embed: nn.Embedding, tokens: Tensor) -> Tensor:
+    def _embed(self, embed: nn.Embedding, tokens: Tensor, offset: int = 0) -> Tensor:
         x = embed(tokens) * math.sqrt(self.d_model)  # (B, N, E)
-        return self.embed_dropout(self.positions(x))
+        return self.embed_dropout(self.positions(x, offset))
 
     def encode(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
         """Encoder output ``memory`` (B, S, E) for ``src`` (B, S)."""
@@ -292,12 +302,34 @@ class Transformer(nn.Module):
         memory: Tensor,
         tgt_key_padding_mask: Tensor | None = None,
         memory_key_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) for ``tgt_in`` (B, T) given ``memory`` (B, S, E)."""
-        x = self.decoder(
-            self._embed(self.tgt_embed, tgt_in), memory, tgt_key_padding_mask, memory_key_padding_mask
-        )
-        return self.output(x)  # (B, T, V)
+        """Logits (B, T, V) for ``tgt_in`` (B, T) given ``memory`` (B, S, E).
+
+        With ``cache`` (every sequence at the same cached length ``L``), ``tgt_in`` is the whole prefix
+        and only its positions ``L .. T - 1`` run through the decoder, attending to the cached ones;
+        they are appended to the cache and their logits (B, T - L, V) returned.
+        ``tgt_key_padding_mask`` must then be None (the cache masks its own keys).
+        """
+        if cache is None:
+            x = self.decoder(
+                self._embed(self.tgt_embed, tgt_in), memory, tgt_key_padding_mask, memory_key_padding_mask
+            )
+            return self.output(x)  # (B, T, V)
+        start = cache.uniform_length
+        if start is None:
+            raise ValueError("decode with a cache needs every sequence at the same cached length")
+        if tgt_key_padding_mask is not None:
+            raise ValueError("decode with a cache takes no tgt_key_padding_mask")
+        if tgt_in.shape[1] <= start:
+            raise ValueError(f"tgt_in has {tgt_in.shape[1]} positions, the cache already holds {start}")
+        x = self._embed(self.tgt_embed, tgt_in[:, start:], offset=start)  # (B, T - L, E)
+        x = self.decoder(x, memory, None, memory_key_padding_mask, cache=cache)
+        return self.output(x)  # (B, T - L, V)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty ``KVCache`` for this decoder: ``batch_size`` sequences of up to ``max_len`` positions."""
+        return KVCache(len(self.decoder.layers), batch_size, max_len)
 
     def forward(
         self,
@@ -323,11 +355,29 @@ class Transformer(nn.Module):
         bos_id: int,
         eos_id: int,
         src_key_padding_mask: Tensor | None = None,
+        *,
+        use_cache: bool = True,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Greedy decoding, re-running the decoder on the whole prefix each step (no KV cache).
+        """Autoregressive decoding, greedy (``temperature == 0``) or sampled.
 
+        All sequences advance in lock-step. With ``use_cache`` each step feeds only the newest token:
+        the decoder self-attention appends it to a ``KVCache`` and attends to the cached prefix, and the
+        cross-attention keys/values of the memory are computed once; without it the decoder re-runs on
+        the whole prefix each step. Both give the same tokens (up to floating-point rounding).
         Each sequence stops at its own EOS (which is emitted); after that it emits ``pad_id``. Decoding
         ends early once every sequence has finished. Call ``eval()`` first to disable dropout.
+
+        Args:
+            src: source token ids; ``src_key_padding_mask`` marks its padding (True = pad).
+            max_new_tokens: most tokens generated per sequence.
+            bos_id, eos_id: start and end tokens.
+            use_cache: incremental decoding with a KV cache.
+            temperature: 0 picks the most likely token; > 0 samples from softmax(logits / temperature).
+            top_k: when sampling, only the ``top_k`` most likely tokens are candidates.
+            generator: random generator for sampling (reproducible draws).
 
         Shape:
             src: (B, S); src_key_padding_mask: (B, S) bool.
@@ -340,16 +390,38 @@ class Transformer(nn.Module):
                 f"max_new_tokens ({max_new_tokens}) needs a prefix of up to {max_new_tokens} positions, "
                 f"more than max_len ({self.max_len})"
             )
+        if temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         batch = src.shape[0]
         memory = self.encode(src, src_key_padding_mask)  # (B, S, E)
+        cache = self.new_cache(batch, max_new_tokens) if use_cache else None
         ys = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)  # (B, 1)
         finished = torch.zeros(batch, dtype=torch.bool, device=src.device)  # (B,)
         for _ in range(max_new_tokens):
-            logits = self.decode(ys, memory, memory_key_padding_mask=src_key_padding_mask)  # (B, t, V)
-            next_token = logits[:, -1].argmax(dim=-1)  # (B,)
+            if cache is None:
+                logits = self.decode(ys, memory, memory_key_padding_mask=src_key_padding_mask)  # (B, t, V)
+            else:
+                logits = self.decode(ys, memory, None, src_key_padding_mask, cache=cache)  # (B, 1, V)
+            next_token = self._pick(logits[:, -1], temperature, top_k, generator)  # (B,)
             next_token = next_token.masked_fill(finished, self.pad_id)
             ys = torch.cat([ys, next_token[:, None]], dim=1)
             finished |= next_token == eos_id
             if bool(finished.all()):
                 break
         return ys[:, 1:]
+
+    @staticmethod
+    def _pick(
+        logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """Next token per sequence from ``logits`` (B, V): argmax, or a temperature / top-k sample (B,)."""
+        if temperature == 0.0:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / temperature  # (B, V)
+        if top_k is not None and top_k < scores.shape[-1]:
+            kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
