@@ -13,6 +13,17 @@ from torch import Tensor
 _REGISTERED = [False]
 
 
+def _check_fake_devices(op: str, q: Tensor, **tensors: Tensor | None) -> None:
+    """The device check the real kernels make, for calls that reach the fake kernels.
+
+    A call that mixes ``meta`` tensors with real ones dispatches to the fake kernel, so the compiled
+    checks never run; without this, such a call would return meta outputs instead of raising.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{op}: expected {name} on q's device {q.device}, got {t.device}")
+
+
 def _fwd_fake(
     q: Tensor,
     k: Tensor,
@@ -22,6 +33,7 @@ def _fwd_fake(
     scale: float,
     is_causal: bool,
 ) -> tuple[Tensor, Tensor]:
+    _check_fake_devices("flash_attn.fwd", q, k=k, v=v, key_padding_mask=key_padding_mask, seqlens_k=seqlens_k)
     batch, heads_q, len_q, head_dim = q.shape
     out = q.new_empty((batch, heads_q, len_q, head_dim))
     lse = q.new_empty((batch, heads_q, len_q), dtype=torch.float32)
@@ -40,6 +52,17 @@ def _bwd_fake(
     scale: float,
     is_causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_fake_devices(
+        "flash_attn.bwd",
+        q,
+        dout=dout,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        key_padding_mask=key_padding_mask,
+        seqlens_k=seqlens_k,
+    )
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -207,6 +207,8 @@ def _check_inputs(
             f"attention: expected q (B, Hq, Nq, D) and k (B, Hkv, Nk, D) to share B and D, "
             f"got {tuple(q.shape)} and {tuple(k.shape)}"
         )
+    if q.shape[3] == 0:
+        raise ValueError(f"attention: expected q, k and v to have a head dim D >= 1, got {tuple(q.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"attention: expected the query heads Hq to be a multiple of the key/value heads Hkv, "

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
-from transformer.training import load_checkpoint, save_checkpoint
+from transformer.training import load_checkpoint, save_checkpoint, train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -25,13 +26,13 @@ TINY = [
     "model.dim_feedforward=64",
     "task.vocab_size=12",
     "task.max_len=6",
-    "trainer.steps=400",
+    "trainer.steps=120",
     "trainer.batch_size=16",
     "trainer.warmup_steps=5",
     "trainer.eval_every=0",
     "trainer.eval_batches=1",
     "trainer.eval_batch_size=16",
-    "trainer.checkpoint_every=20",
+    "trainer.checkpoint_every=10",
 ]
 
 
@@ -58,19 +59,19 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tmp_path):
     checkpoint = killed_dir / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and victim.poll() is None:
-        if checkpoint.exists() and load_checkpoint(checkpoint)["step"] >= 100:
+        if checkpoint.exists() and load_checkpoint(checkpoint)["step"] >= 30:
             break
         time.sleep(0.05)
     assert victim.poll() is None, "the run finished before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     step = load_checkpoint(checkpoint)["step"]  # the last atomically written checkpoint is intact
-    assert 100 <= step < 400
+    assert 30 <= step < 120
 
     resumed = train_process(tmp_path / "resumed", f"trainer.resume={checkpoint}")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     want, got = final_metrics(tmp_path / "full"), final_metrics(tmp_path / "resumed")
-    assert got["steps"] == want["steps"] == 400 and got["steps_this_run"] == 400 - step
+    assert got["steps"] == want["steps"] == 120 and got["steps_this_run"] == 120 - step
     assert got["final_loss"] == pytest.approx(want["final_loss"], abs=1e-6)
     assert got["eval_sequence_accuracy"] == want["eval_sequence_accuracy"]
 
@@ -86,6 +87,18 @@ def test_truncated_checkpoint_is_refused_by_name(tmp_path):
         ValueError, match=r"checkpoint\.pt is not a readable checkpoint \(truncated or corrupt"
     ):
         load_checkpoint(path)
+
+
+def test_resume_from_a_corrupt_file_raises_before_training(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, f"trainer.resume={bad}"])
+    with pytest.raises(
+        ValueError, match=r"checkpoint\.pt is not a readable checkpoint \(truncated or corrupt"
+    ):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_foreign_file_is_refused(tmp_path):

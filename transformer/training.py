@@ -160,6 +160,12 @@ def validate_config(cfg: DictConfig) -> torch.device:
     for key in ("warmup_steps", "eval_every", "log_every", "checkpoint_every"):
         if trainer[key] < 0:
             raise ValueError(f"trainer.{key} must be >= 0, got {trainer[key]}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if trainer.batch_size % world_size != 0:
+        raise ValueError(
+            f"trainer.batch_size ({trainer.batch_size}) is the global batch and must be divisible by "
+            f"the number of processes (WORLD_SIZE={world_size})"
+        )
     if trainer.eval_seed == cfg.seed:
         raise ValueError(f"trainer.eval_seed ({trainer.eval_seed}) must differ from seed ({cfg.seed})")
     device = resolve_device(cfg.device)
@@ -334,13 +340,13 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
     model = build_model(cfg).to(device)
-    optimizer = instantiate(trainer.optimizer)(model.parameters())
+    optimizer = instantiate(trainer.optimizer)(model.parameters())  # the config is `_partial_: true`
     # DDP averages gradients over ranks; the loss below is scaled so the average is the global mean.
     ddp_model = (
         DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if (ctx.enabled)
+        if ctx.enabled
         else model
-    )  # _partial_: true config
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(
