@@ -2,6 +2,7 @@
 
 python scripts/bench_decoding.py                          # d_model 128, batch 8, 128 new tokens, CPU
 python scripts/bench_decoding.py --num-kv-heads 2 --new-tokens 64 --backends sdpa flash
+python scripts/bench_decoding.py --device cuda --dtype bfloat16 --d-model 1024 --num-heads 16 --batch-size 32
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> DecodingConfig:
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     fields = vars(args)
     fields["backends"] = tuple(fields["backends"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), sanitize_full (every cuda-marked test under each tool), ddp (2 GPUs)
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -54,32 +54,20 @@ if [[ " $stages " == *" benchfull "* ]]; then
   tail -5 /tmp/bench_full.log
 fi
 if [[ " $stages " == *" sanitize "* ]]; then
-  for tool in memcheck racecheck synccheck; do
-    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitizer_case.py > "/tmp/sanitize_$tool.log" 2>&1
-    note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_$tool.log" | tail -1)"; tail -30 /tmp/sanitize_$tool.log >> "$OUT/sanitize.log"
-  done
-fi
-if [[ " $stages " == *" sanitize_full "* ]]; then
-  # Every cuda-marked test under memcheck, racecheck and synccheck, instrumenting our kernels (namespace
-  # flash) only. With two GPUs, two tools run at once, one per GPU.
-  filter=()
-  compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name " && filter=(--kernel-name kns=flash)
-  sanitize_tests() {  # tool gpu
-    CUDA_VISIBLE_DEVICES=$2 timeout 540 compute-sanitizer --tool "$1" "${filter[@]}" --error-exitcode 9 \
-      python3 -m pytest -q -p no:cacheprovider -m cuda tests/ > "/tmp/sanitize_full_$1.log" 2>&1
-    echo "compute-sanitizer $1 over the cuda tests: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_full_$1.log" | tail -1) | $(grep -E '(passed|failed)' "/tmp/sanitize_full_$1.log" | tail -1)" >> "/tmp/sanitize_full_$1.note"
-  }
+  # The kernels' test matrix (scripts/sanitizer_case.py) under memcheck, racecheck and synccheck, the three
+  # tools at once (spread over the GPUs when there are several).
   gpus=$(nvidia-smi -L | wc -l)
-  if [ "$gpus" -ge 2 ]; then
-    sanitize_tests memcheck 0 & sanitize_tests racecheck 1 & wait
-    sanitize_tests synccheck 0
-  else
-    for tool in memcheck racecheck synccheck; do sanitize_tests $tool 0; done
-  fi
+  i=0
   for tool in memcheck racecheck synccheck; do
-    note "$(cat /tmp/sanitize_full_$tool.note)"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|Barrier" "/tmp/sanitize_full_$tool.log" | head -20 >> "$OUT/sanitize_full.log"
-    tail -5 "/tmp/sanitize_full_$tool.log" >> "$OUT/sanitize_full.log"
+    ( CUDA_VISIBLE_DEVICES=$(( i % gpus )) timeout 420 compute-sanitizer --tool $tool --error-exitcode 9 \
+        python3 scripts/sanitizer_case.py > "/tmp/sanitize_$tool.log" 2>&1
+      echo "compute-sanitizer $tool (scripts/sanitizer_case.py): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_$tool.log" | tail -1) $(grep -E '^sanitizer case [a-z]' "/tmp/sanitize_$tool.log" | tr '\n' ' ')" > "/tmp/sanitize_$tool.note" ) &
+    i=$(( i + 1 ))
+  done
+  wait
+  for tool in memcheck racecheck synccheck; do
+    note "$(cat /tmp/sanitize_$tool.note)"
+    { echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|Barrier|Error" "/tmp/sanitize_$tool.log" | head -20; tail -4 "/tmp/sanitize_$tool.log"; } >> "$OUT/sanitize.log"
   done
 fi
 if [[ " $stages " == *" ddp "* ]]; then

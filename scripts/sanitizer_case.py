@@ -1,22 +1,65 @@
-"""Small flash calls (forward and backward, every head dim, masks, GQA, odd sizes) for compute-sanitizer."""
+"""The CUDA test matrix of our kernels alone, for compute-sanitizer (memcheck, racecheck, synccheck).
+
+Runs every (dtype, head dim, shape, mask) case of tests/test_flash_cuda.py forward and backward, plus the
+long, non-contiguous and seqlens_k cases, without the float64 reference or SDPA, so that the sanitizer
+spends its time on our kernels. Each part can be chosen: ``python scripts/sanitizer_case.py attention``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-import attention_backends as ab
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-for dtype in (torch.float16, torch.bfloat16):
-    for head_dim in (32, 64, 96, 128, 256):
-        for batch, heads_q, heads_kv, len_q, len_k, causal in (
-            (1, 2, 1, 37, 70, True),
-            (2, 2, 2, 65, 33, False),
-        ):
-            q = torch.randn(batch, heads_q, len_q, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            k = torch.randn(batch, heads_kv, len_k, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            v = torch.randn(batch, heads_kv, len_k, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            pad = torch.rand(batch, len_k, device="cuda") < 0.2
-            out, _ = ab.attention(
-                q, k, v, backend="flash", strict=True, is_causal=causal, key_padding_mask=pad
-            )
-            out.float().sum().backward()
-torch.cuda.synchronize()
-print("sanitizer case done")
+import attention_backends as ab
+from tests.test_flash_cuda import DTYPES, HEAD_DIMS, MASKS, SHAPES, make
+
+
+def run_attention(q, k, v, kwargs) -> None:
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, _ = ab.attention(*leaves, backend="flash", strict=True, **kwargs)
+    out.float().sum().backward()
+
+
+def attention_part() -> int:
+    calls = 0
+    for dtype in DTYPES:
+        for head_dim in HEAD_DIMS:
+            for shape in SHAPES:
+                for mask_kind in MASKS:
+                    run_attention(*make(shape, head_dim, dtype, mask_kind, seed=calls))
+                    calls += 1
+        run_attention(*make((1, 2, 2, 1000, 2049), 128, dtype, "causal", seed=calls))
+        run_attention(*make((2, 4, 2, 77, 131), 64, dtype, "padding+causal", seed=calls, non_contiguous=True))
+        calls += 2
+    q = torch.randn(3, 2, 5, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(3, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([40, 17, 0], device="cuda", dtype=torch.int32)
+    for causal in (False, True):
+        torch.ops.flash_attn.fwd(q, k, k, None, lengths, 0.125, causal)
+        calls += 1
+    return calls
+
+
+PARTS: dict[str, Callable[[], int]] = {"attention": attention_part}
+
+
+def main(names: list[str]) -> None:
+    os.environ["FLASH_ATTN_POISON"] = "1"  # outputs start as NaN, as in the tests
+    ab.load_extension()
+    for name in names or list(PARTS):
+        start = time.perf_counter()
+        calls = PARTS[name]()
+        torch.cuda.synchronize()
+        print(f"sanitizer case {name}: {calls} calls in {time.perf_counter() - start:.1f} s", flush=True)
+    print("sanitizer case done")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

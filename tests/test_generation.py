@@ -195,3 +195,21 @@ def test_per_sequence_lengths_in_the_cache(backend, n):
             prefix = x[b : b + 1, : m + n]
             full, _ = mha(prefix, prefix, prefix, need_weights=False, is_causal=True)
             torch.testing.assert_close(out[b], full[0, m : m + n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_kv_heads", [None, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])
+def test_cache_gives_the_same_tokens_on_cuda(backend, num_kv_heads):
+    """float16 on the GPU (the flash CUDA kernels take fp16/bf16): cached and uncached tokens agree."""
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"{backend} is not available on CUDA")
+    model = make_model(num_kv_heads).to(device="cuda", dtype=torch.float16)
+    src, mask = padded_sources()
+    src, mask = src.cuda(), mask.cuda()
+    with use_backend(backend, strict=True):
+        cached = model.generate(src, NEW, BOS, EOS, mask, use_cache=True)
+        full = model.generate(src, NEW, BOS, EOS, mask, use_cache=False)
+    assert cached.shape == full.shape and cached.shape[1] >= 1
+    assert torch.equal(cached, full)
