@@ -1,5 +1,7 @@
-// CUDA implementation of flash_attn::fwd: input checks, output allocation, FwdParams, dispatch on
-// (dtype, head dim) to run_fwd (cuda/instantiations/flash_fwd_*.cu).
+// CUDA implementation of flash_attn::fwd: input checks, output allocation, FwdParams, the choice
+// between the one-pass kernel (run_fwd) and the split-KV path (run_fwd_split: keys split across
+// blocks, partials merged by log-sum-exp), and dispatch on (dtype, head dim) to the kernels in
+// cuda/instantiations/flash_fwd_*.cu.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,22 +11,33 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
 #include "../flash_checks.h"
 #include "flash_launch.h"
 #include "flash_params.h"
+#include "kernel_traits.h"
 
 namespace flash {
 namespace {
 
 constexpr const char* kOp = "flash_attn.fwd";
 constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+
+// Split-KV heuristic: at most kMaxSplits splits, each at least kMinTilesPerSplit key tiles long.
+constexpr int kMaxSplits = 128;
+constexpr int64_t kMinTilesPerSplit = 2;
+constexpr int64_t kOnePassBlockM = FwdConfig<128>::Traits::kBlockM;  // query rows of a one-pass block
+constexpr int64_t kSplitBlockM = SplitConfig<128>::Traits::kBlockM;  // packed rows of a split block
 
 // FLASH_ATTN_POISON=1: outputs start as NaN, so a test can prove the kernel writes every element.
 bool poison_outputs() {
@@ -50,16 +63,125 @@ at::Tensor aligned_view_or_copy(const at::Tensor& t) {
 
 Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
 
+// The split-KV path for num_splits >= 2, else the one-pass kernel.
+template <typename Element, int HeadDim>
+void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
+  if (params.num_splits > 1) {
+    run_fwd_split<Element, HeadDim>(params, stream);
+  } else {
+    run_fwd<Element, HeadDim>(params, stream);
+  }
+}
+
 template <typename Element>
 void dispatch_head_dim(const FwdParams& params, cudaStream_t stream) {
   switch (params.head_dim) {
-    case 32: run_fwd<Element, 32>(params, stream); break;
-    case 64: run_fwd<Element, 64>(params, stream); break;
-    case 96: run_fwd<Element, 96>(params, stream); break;
-    case 128: run_fwd<Element, 128>(params, stream); break;
-    case 256: run_fwd<Element, 256>(params, stream); break;
+    case 32: run_fwd_any<Element, 32>(params, stream); break;
+    case 64: run_fwd_any<Element, 64>(params, stream); break;
+    case 96: run_fwd_any<Element, 96>(params, stream); break;
+    case 128: run_fwd_any<Element, 128>(params, stream); break;
+    case 256: run_fwd_any<Element, 256>(params, stream); break;
     default: FLASH_CHECK_VALUE(false, kOp, ": no kernel for head dim ", params.head_dim);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Split-KV ("flash-decoding") choice.
+// ------------------------------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// FLASH_ATTN_NUM_SPLITS=<n> forces n splits (1 = the one-pass kernel); unset or empty: 0, the
+// heuristic decides.
+int forced_num_splits() {
+  const char* env = std::getenv("FLASH_ATTN_NUM_SPLITS");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  FLASH_CHECK_VALUE(*end == '\0' && n >= 1 && n <= kMaxSplits, kOp,
+                    ": expected the environment variable FLASH_ATTN_NUM_SPLITS to be an integer in [1, ",
+                    kMaxSplits, "], got '", env, "'");
+  return static_cast<int>(n);
+}
+
+// Key tile of the split kernel per head dim (splits are whole tiles).
+int split_block_n(int64_t head_dim) {
+  switch (head_dim) {
+    case 32: return SplitConfig<32>::Traits::kBlockN;
+    case 64: return SplitConfig<64>::Traits::kBlockN;
+    case 96: return SplitConfig<96>::Traits::kBlockN;
+    case 128: return SplitConfig<128>::Traits::kBlockN;
+    default: return SplitConfig<256>::Traits::kBlockN;
+  }
+}
+
+template <typename Element>
+int split_blocks_per_sm_of(int64_t head_dim) {
+  switch (head_dim) {
+    case 32: return fwd_split_blocks_per_sm<Element, 32>();
+    case 64: return fwd_split_blocks_per_sm<Element, 64>();
+    case 96: return fwd_split_blocks_per_sm<Element, 96>();
+    case 128: return fwd_split_blocks_per_sm<Element, 128>();
+    default: return fwd_split_blocks_per_sm<Element, 256>();
+  }
+}
+
+// What the heuristic needs of the device: its SM count and how many split-kernel blocks an SM holds.
+struct SplitDeviceInfo {
+  int num_sms;
+  int blocks_per_sm;
+};
+
+// Asked of the CUDA runtime (device attribute, occupancy API) once per (device, dtype, D), then cached.
+// The caller has made `device` current.
+SplitDeviceInfo split_device_info(int device, at::ScalarType dtype, int64_t head_dim) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int64_t>, SplitDeviceInfo> cache;
+  const auto key = std::make_tuple(device, static_cast<int>(dtype), head_dim);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = dtype == at::kBFloat16 ? split_blocks_per_sm_of<__nv_bfloat16>(head_dim)
+                                            : split_blocks_per_sm_of<__half>(head_dim);
+  const SplitDeviceInfo info{num_sms > 0 ? num_sms : 1, blocks};
+  cache.emplace(key, info);
+  return info;
+}
+
+// Split-kernel blocks of one split: (packed row tiles of a key/value group) x B x Hkv.
+int64_t split_blocks_per_split(const AttnShape& s) {
+  const int64_t group = s.heads_q / s.heads_kv;
+  return ceil_div(group * s.len_q, kSplitBlockM) * s.batch * s.heads_kv;
+}
+
+// The number of key splits, 1 for the one-pass kernel.
+//  - Each split covers at least kMinTilesPerSplit key tiles; at most kMaxSplits splits.
+//  - The one-pass kernel is kept when its (B, Hq, Nq / 128) blocks fill the GPU (>= 80% of the SMs)
+//    and its 128-row query tiles are not mostly padding. With few queries per key/value head
+//    (decoding: Nq * group well below 128) they are: each of its blocks multiplies 128 rows where a
+//    few are real, and reads K/V once per query head, so the split kernel (16-row tiles, K/V read
+//    once per group) is used even when the one-pass grid is large, with at least 2 splits.
+//  - Otherwise the splits fill one wave of resident blocks: num_sms * blocks_per_sm.
+//  - Finally every split gets the same number of tiles (no empty trailing split).
+int heuristic_num_splits(const AttnShape& s, int block_n, int num_sms, int blocks_per_sm) {
+  const int64_t n_tiles = ceil_div(s.len_k, block_n);
+  const int64_t max_splits = std::min<int64_t>(kMaxSplits, n_tiles / kMinTilesPerSplit);
+  if (max_splits < 2) return 1;
+  const int64_t group = s.heads_q / s.heads_kv;
+  const int64_t one_pass_blocks = s.batch * s.heads_q * ceil_div(s.len_q, kOnePassBlockM);
+  const int64_t split_rows = ceil_div(group * s.len_q, kSplitBlockM) * kSplitBlockM;
+  const int64_t one_pass_rows = group * ceil_div(s.len_q, kOnePassBlockM) * kOnePassBlockM;
+  const bool mostly_padding = 2 * split_rows <= one_pass_rows;
+  const bool one_pass_fills = 5 * one_pass_blocks >= 4 * static_cast<int64_t>(num_sms);
+  if (one_pass_fills && !mostly_padding) return 1;
+  const int64_t per_split = split_blocks_per_split(s);
+  int64_t splits = static_cast<int64_t>(num_sms) * blocks_per_sm / per_split;
+  splits = std::min(std::max<int64_t>(splits, 2), max_splits);
+  splits = std::min(splits, kIntMax / per_split);  // the grid is one int32 dimension
+  if (splits < 2) return 1;
+  return static_cast<int>(ceil_div(n_tiles, ceil_div(n_tiles, splits)));
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -75,13 +197,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   const int64_t D = s.head_dim;
   FLASH_CHECK_VALUE(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, kOp,
                     ": expected head dim D in {32, 64, 96, 128, 256} on CUDA, got ", D);
-  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   FLASH_CHECK_VALUE(s.batch <= kIntMax && s.heads_q <= kIntMax && s.len_q <= kIntMax && s.len_k <= kIntMax,
                     kOp, ": expected B, Hq, Nq and Nk to fit in int32, got q ", q_in.sizes(), ", k ",
                     k_in.sizes());
   FLASH_CHECK_VALUE(s.batch <= kMaxGridYZ && s.heads_q <= kMaxGridYZ, kOp,
                     ": expected B and Hq to be at most 65535 on CUDA, got B = ", s.batch,
                     ", Hq = ", s.heads_q);
+  const int forced_splits = forced_num_splits();
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
 
@@ -103,9 +225,28 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   std::optional<at::Tensor> lens;
   if (seqlens_k.has_value()) lens = seqlens_k->contiguous();
 
+  int num_splits = forced_splits;
+  if (num_splits == 0) {
+    const SplitDeviceInfo info = split_device_info(q_in.get_device(), dtype, D);
+    num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm);
+  }
+  FLASH_CHECK_VALUE(num_splits == 1 || split_blocks_per_split(s) <= kIntMax / num_splits, kOp,
+                    ": FLASH_ATTN_NUM_SPLITS = ", num_splits, " makes more than 2^31 - 1 blocks for q ",
+                    q_in.sizes(), " and k ", k_in.sizes());
+  at::Tensor out_accum, lse_accum;
+  if (num_splits > 1) {
+    const auto f32 = q_in.options().dtype(at::kFloat);
+    out_accum = at::empty({num_splits, s.batch, s.heads_q, s.len_q, D}, f32);
+    lse_accum = at::empty({num_splits, s.batch, s.heads_q, s.len_q}, f32);
+  }
+
   if (poison_outputs()) {
     out.fill_(std::numeric_limits<float>::quiet_NaN());
     lse.fill_(std::numeric_limits<float>::quiet_NaN());
+    if (num_splits > 1) {
+      out_accum.fill_(std::numeric_limits<float>::quiet_NaN());
+      lse_accum.fill_(std::numeric_limits<float>::quiet_NaN());
+    }
   }
 
   FwdParams params;
@@ -131,6 +272,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634074);  // scale * log2(e)
   params.is_causal = is_causal;
+  params.num_splits = num_splits;
+  if (num_splits > 1) {
+    params.out_accum = out_accum.data_ptr<float>();
+    params.lse_accum = lse_accum.data_ptr<float>();
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (dtype == at::kBFloat16) {

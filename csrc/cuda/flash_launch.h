@@ -11,6 +11,14 @@ namespace flash {
 template <typename Element, int HeadDim>
 void run_fwd(const FwdParams& params, cudaStream_t stream);
 
+// Split-KV forward (params.num_splits >= 2): the split kernel, then the merge into out and lse.
+template <typename Element, int HeadDim>
+void run_fwd_split(const FwdParams& params, cudaStream_t stream);
+
+// Resident blocks per SM of the split kernel on the current device (for the split heuristic).
+template <typename Element, int HeadDim>
+int fwd_split_blocks_per_sm();
+
 template <typename Element, int HeadDim>
 void run_bwd(const BwdParams& params, cudaStream_t stream);
 

@@ -33,6 +33,15 @@ struct FwdParams {
   float scale;  // softmax scale
   float scale_log2;  // scale * log2(e)
   bool is_causal;
+
+  // Split-KV path (flash_fwd_split_kernel.cuh), used when num_splits >= 2: the keys are cut into
+  // num_splits ranges of whole tiles; split s writes the partial output of row (b, h, i) to
+  // out_accum (num_splits, B, Hq, Nq, D) and its partial lse (natural log, -inf when the split saw
+  // no key) to lse_accum (num_splits, B, Hq, Nq), both float32 contiguous scratch of the API layer;
+  // the merge kernel writes out and lse. num_splits = 1: the one-pass kernel, accum pointers unused.
+  int num_splits;
+  float* out_accum;
+  float* lse_accum;
 };
 
 struct BwdParams : FwdParams {

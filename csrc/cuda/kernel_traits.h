@@ -82,4 +82,76 @@ struct FwdConfig<256> {
   using Traits = FwdTraits<256, 128, 64, 8>;
 };
 
+// Split-KV forward kernel (flash_fwd_split_kernel.cuh), made for decoding: few query rows, many keys.
+//
+// A block computes kBlockM = 16 packed rows (the query heads of one key/value head times the queries,
+// see the kernel) against the key tiles of one split. Every warp owns all 16 rows and its own kWarpN
+// keys of each kBlockN-key tile (warp w: keys [w * kWarpN, (w + 1) * kWarpN) of the tile), so the
+// warps run independent online softmaxes that are combined once at the end through shared memory.
+// K/V tiles go through a kStages-deep cp.async ring; decoding is memory-bound, so the ring is what
+// keeps enough bytes in flight.
+//
+// Shared memory (dynamic), 16-bit elements, rows padded by 8 elements as in FwdTraits:
+//   sQ [16][kSmemPitch], then kStages x (sK [kBlockN][kSmemPitch], sV [kBlockN][kSmemPitch]);
+// after the key loop the same bytes hold the fp32 partial outputs of the warps,
+//   sO [kNWarps][16][kOPitch] (kOPitch = D + 8 floats: conflict-free float2 stores).
+template <int kHeadDim_, int kBlockN_, int kStages_>
+struct SplitTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 16;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = kNWarps * 32;
+
+  static constexpr int kWarpN = kBlockN / kNWarps;  // keys of a tile per warp
+  static constexpr int kNFragsS = kWarpN / 8;       // n8 fragments of a warp's S
+  static constexpr int kNFragsO = kHeadDim / 8;     // n8 fragments of O
+  static constexpr int kKStepsQK = kHeadDim / 16;   // k16 steps of Q K^T
+  static constexpr int kKStepsPV = kWarpN / 16;     // k16 steps of P V
+
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kSmemPitch = kHeadDim + 8;
+  static constexpr int kElemBytes = 2;
+
+  static constexpr int kSmemQBytes = kBlockM * kSmemPitch * kElemBytes;
+  static constexpr int kSmemKVElems = kBlockN * kSmemPitch;                 // one K or V tile
+  static constexpr int kSmemStageBytes = 2 * kSmemKVElems * kElemBytes;    // K and V of one stage
+  static constexpr int kSmemLoopBytes = kSmemQBytes + kStages * kSmemStageBytes;
+  static constexpr int kOPitch = kHeadDim + 8;
+  static constexpr int kSmemCombineBytes = kNWarps * kBlockM * kOPitch * 4;
+  static constexpr int kSmemBytes = kSmemLoopBytes > kSmemCombineBytes ? kSmemLoopBytes : kSmemCombineBytes;
+
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
+  static_assert(kWarpN % 16 == 0 && kWarpN <= 32, "a warp takes 16 or 32 keys (one ballot word) per tile");
+  static_assert(kNFragsO % 2 == 0 && kNFragsS % 2 == 0, "ldmatrix.x4 loads two n8 fragments");
+  static_assert(kStages >= 2, "the copy of the next tile overlaps the math of this one");
+  static_assert(kSmemQBytes % 16 == 0 && kSmemStageBytes % 16 == 0, "16-byte aligned tiles");
+};
+
+// Per head dim choice: 128-key tiles for D <= 64, 64-key tiles above; three stages where two blocks
+// still fit an SM (227 KiB on sm_90), two for D = 256 (140 KiB: one block, also within sm_80's 163 KiB).
+template <int kHeadDim>
+struct SplitConfig;
+template <>
+struct SplitConfig<32> {
+  using Traits = SplitTraits<32, 128, 3>;
+};
+template <>
+struct SplitConfig<64> {
+  using Traits = SplitTraits<64, 128, 3>;
+};
+template <>
+struct SplitConfig<96> {
+  using Traits = SplitTraits<96, 64, 3>;
+};
+template <>
+struct SplitConfig<128> {
+  using Traits = SplitTraits<128, 64, 3>;
+};
+template <>
+struct SplitConfig<256> {
+  using Traits = SplitTraits<256, 64, 2>;
+};
+
 }  // namespace flash

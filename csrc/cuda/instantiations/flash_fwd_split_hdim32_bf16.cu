@@ -1,0 +1,7 @@
+// Split-KV forward and merge kernels: head dim 32, bf16.
+#include "../flash_fwd_split_kernel.cuh"
+
+namespace flash {
+template void run_fwd_split<__nv_bfloat16, 32>(const FwdParams&, cudaStream_t);
+template int fwd_split_blocks_per_sm<__nv_bfloat16, 32>();
+}  // namespace flash
