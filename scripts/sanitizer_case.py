@@ -47,7 +47,22 @@ def attention_part() -> int:
     return calls
 
 
-PARTS: dict[str, Callable[[], int]] = {"attention": attention_part}
+def decode_part() -> int:
+    """The split-KV path (forced split counts) on decode shapes, every dtype, head dim and mask."""
+    calls = 0
+    for splits in ("3", "64"):
+        os.environ["FLASH_ATTN_NUM_SPLITS"] = splits
+        for dtype in DTYPES:
+            for head_dim in HEAD_DIMS:
+                for shape in ((1, 8, 2, 1, 1000), (2, 4, 4, 3, 129), (1, 8, 1, 16, 37)):
+                    for mask_kind in MASKS:
+                        run_attention(*make(shape, head_dim, dtype, mask_kind, seed=calls))
+                        calls += 1
+    del os.environ["FLASH_ATTN_NUM_SPLITS"]
+    return calls
+
+
+PARTS: dict[str, Callable[[], int]] = {"attention": attention_part, "decode": decode_part}
 
 
 def main(names: list[str]) -> None:

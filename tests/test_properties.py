@@ -72,7 +72,12 @@ def test_forward_and_backward_match_float64(backend, case, dtype):
     want = torch.autograd.grad(ref, leaves, grad_out.double())
     for g, w in zip(got, want, strict=True):
         assert torch.isfinite(g).all()
-        assert relative_error(g, w) <= tol + 1e-12 * w.abs().max().item()
+        if w.abs().max().item() == 0.0:
+            # An exactly zero gradient (e.g. dq with one visible key): the error is rounding noise, bounded
+            # relative to the incoming gradient instead.
+            assert (g.double() - w).norm().item() <= tol * grad_out.double().norm().item()
+        else:
+            assert relative_error(g, w) <= tol + 1e-12 * w.abs().max().item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
