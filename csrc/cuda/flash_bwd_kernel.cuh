@@ -41,14 +41,16 @@ __device__ __forceinline__ void load_rows_async(uint32_t stile, const T* gbase, 
   }
 }
 
+// The work of one block of bwd_kernel.
 template <typename T, typename Tr>
-__global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(const BwdParams params) {
+__device__ __forceinline__ void bwd_block(const BwdParams& params) {
   constexpr int D = Tr::kHeadDim;
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
   constexpr int kPitchD = Tr::kPitchD;
   constexpr int kPitchM = Tr::kPitchM;
   constexpr int kNThreads = Tr::kNThreads;
+  constexpr int MT = Tr::kKeyMT;
   constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -73,18 +75,42 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
     if (i_first >= Nq) m_end = 0;
     else m_begin = max(i_first, 0) / kBlockM;
   }
+  // Step it of the query loop works on tile tile_at(it): in order, or rotated by the key block.
+  const int n_tiles = m_end - m_begin;
+  int rot = 0;
+  if constexpr (Tr::kStagger) rot = n_tiles > 0 ? n_block % n_tiles : 0;
+  auto tile_at = [&](int it) {
+    if constexpr (Tr::kStagger) {
+      const int m = m_begin + rot + it;
+      return m >= m_end ? m - n_tiles : m;
+    } else {
+      return m_begin + it;
+    }
+  };
 
-  // Warp roles: kw-th 16 keys; sq-th column slab of S^T and of dK / dV; (qm, qd) tile of dQ.
+  // Warp roles: kw-th kWarpKeys keys; sq-th column slab of S^T and of dK / dV; (qm, qd) tile of dQ.
   const int kw = warp % Tr::kKeyWarps, sq = warp / Tr::kKeyWarps;
   const int qm = warp % Tr::kQWarpsM, qd = warp / Tr::kQWarpsM;
+  const int key0 = kw * Tr::kWarpKeys;  // first key of this warp in the tile
 
-  // This thread's two key rows of S^T (accumulator rows g and g + 8) and their visibility.
-  const int j0 = n0 + kw * 16 + g, j1 = j0 + 8;
-  bool v0 = j0 < L, v1 = j1 < L;
+  // This thread's key rows of S^T (accumulator rows g and g + 8 of each m16 tile) and their
+  // visibility.
+  int jrow[MT][2];
+  bool vis[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    jrow[mt][0] = n0 + key0 + mt * 16 + g;
+    jrow[mt][1] = jrow[mt][0] + 8;
+    vis[mt][0] = jrow[mt][0] < L;
+    vis[mt][1] = jrow[mt][1] < L;
+  }
   if (params.key_padding_mask != nullptr) {
     const bool* kpm = params.key_padding_mask + b * params.key_padding_mask_batch_stride;
-    if (v0) v0 = !kpm[j0];
-    if (v1) v1 = !kpm[j1];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (vis[mt][0]) vis[mt][0] = !kpm[jrow[mt][0]];
+      if (vis[mt][1]) vis[mt][1] = !kpm[jrow[mt][1]];
+    }
   }
 
   const T* gq = static_cast<const T*>(params.q) + b * params.q_stride.batch + h * params.q_stride.head;
@@ -116,112 +142,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
     }
   };
 
-  load_rows_async<kBlockN, D, kPitchD, kNThreads>(sK, gk, params.k_stride.row, n0, Nk, tid);
-  load_rows_async<kBlockN, D, kPitchD, kNThreads>(sV, gv, params.v_stride.row, n0, Nk, tid);
-  if (m_begin < m_end) load_query_tile(m_begin, 0);
-  cp_async_commit();
-
-  float dk[1][Tr::kKVNT][4], dv[1][Tr::kKVNT][4];
-#pragma unroll
-  for (int nt = 0; nt < Tr::kKVNT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[0][nt][e] = dv[0][nt][e] = 0.f;
-  }
-
-  for (int m = m_begin; m < m_end; ++m) {
-    const int buf = (m - m_begin) & 1;
-    cp_async_wait<0>();
-    __syncthreads();  // tile m landed; every warp is done with tile m - 1 (buffer buf ^ 1, sdS, sP)
-    if (m + 1 < m_end) load_query_tile(m + 1, buf ^ 1);
-    cp_async_commit();
-
+  // dQ of query tile m (this warp: kQMT*16 queries x kQNT*8 dims) = dS K, A read transposed from
+  // dS^T buffer ds_buf, added to dq_accum.
+  auto dq_tile = [&](int m, int ds_buf) {
     const int m0 = m * kBlockM;
-    const uint32_t sQ = s0 + Tr::kOffQ + buf * Tr::kQTileBytes;
-    const uint32_t sdO = s0 + Tr::kOffdO + buf * Tr::kQTileBytes;
-    const float* lse = sLse + buf * kBlockM;
-    const float* dsum = sDsum + buf * kBlockM;
-
-    // Columns need masking only on a partial last tile or across the causal diagonal.
-    const bool col_mask = (m0 + kBlockM > Nq) || (causal && m0 + diag < n0 + kBlockN - 1);
-#pragma unroll
-    for (int ch = 0; ch < Tr::kSChunks; ++ch) {
-      const int cb = sq * Tr::kSCols + ch * Tr::kSChunkCols;  // first query column of the chunk
-
-      // S^T (this warp: 16 keys x kSChunkCols queries).
-      float s[1][Tr::kSNT][4];
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
-      }
-      warp_gemm_ss<T, 1, Tr::kSNT, D / 16, false, false>(s, sK + kw * 16 * kPitchD * 2, kPitchD,
-                                                          sQ + cb * kPitchD * 2, kPitchD, lane);
-
-      // P^T in place.
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSNT; ++nt) {
-        const int c = cb + nt * 8 + 2 * t;  // column in the tile (queries c, c + 1)
-        const float2 l = *reinterpret_cast<const float2*>(lse + c);
-        const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = fast_exp2(fmaf(s[0][nt][e], params.scale_log2, (e & 1) ? nl1 : nl0));
-          if (!(e < 2 ? v0 : v1)) p = 0.f;
-          if (col_mask) {
-            const int i = m0 + c + (e & 1), j = e < 2 ? j0 : j1;
-            if (i >= Nq || (causal && j > i + diag)) p = 0.f;
-          }
-          s[0][nt][e] = p;
-        }
-      }
-
-      // dP^T (same shape as S^T).
-      float dp[1][Tr::kSNT][4];
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = 0.f;
-      }
-      warp_gemm_ss<T, 1, Tr::kSNT, D / 16, false, false>(dp, sV + kw * 16 * kPitchD * 2, kPitchD,
-                                                          sdO + cb * kPitchD * 2, kPitchD, lane);
-
-      // dV += P^T dO straight from registers (dO rows cb.. of the chunk).
-      if constexpr (Tr::kPInRegs) {
-        warp_gemm_rs<T, Tr::kKVNT, Tr::kSChunkCols / 16, true>(dv, s[0], sdO + cb * kPitchD * 2, kPitchD,
-                                                                lane);
-      }
-
-      // dS^T = P^T o (dP^T - softmax_d), in place of dP^T.
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSNT; ++nt) {
-        const int c = cb + nt * 8 + 2 * t;
-        const float2 d = *reinterpret_cast<const float2*>(dsum + c);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = s[0][nt][e] * (dp[0][nt][e] - ((e & 1) ? d.y : d.x));
-      }
-      store_frags_smem<T, 1, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffdS), kPitchM, kw * 16, cb, dp,
-                                       1.f, lane);
-
-      if constexpr (Tr::kPInRegs) {
-        // dK += dS^T Q straight from registers.
-        warp_gemm_rs<T, Tr::kKVNT, Tr::kSChunkCols / 16, true>(dk, dp[0], sQ + cb * kPitchD * 2, kPitchD,
-                                                                lane);
-      } else {
-        store_frags_smem<T, 1, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffP), kPitchM, kw * 16, cb, s,
-                                         1.f, lane);
-      }
-    }
-    __syncthreads();  // dS^T (and P^T) complete
-
-    if constexpr (!Tr::kPInRegs) {
-      // dV += P^T dO, dK += dS^T Q with A from shared memory (this warp: kKVCols dims).
-      warp_gemm_ss<T, 1, Tr::kKVNT, kBlockM / 16, false, true>(dv, sP + kw * 16 * kPitchM * 2, kPitchM,
-                                                                sdO + sq * Tr::kKVCols * 2, kPitchD, lane);
-      warp_gemm_ss<T, 1, Tr::kKVNT, kBlockM / 16, false, true>(dk, sdS + kw * 16 * kPitchM * 2, kPitchM,
-                                                                sQ + sq * Tr::kKVCols * 2, kPitchD, lane);
-    }
-
-    // dQ (this warp: kQMT*16 queries x kQNT*8 dims) = dS K, A read transposed from dS^T.
     float dq[Tr::kQMT][Tr::kQNT][4];
 #pragma unroll
     for (int mt = 0; mt < Tr::kQMT; ++mt) {
@@ -232,7 +156,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
       }
     }
     warp_gemm_ss<T, Tr::kQMT, Tr::kQNT, kBlockN / 16, true, true>(
-        dq, sdS + qm * Tr::kQMT * 16 * 2, kPitchM, sK + qd * Tr::kQNT * 8 * 2, kPitchD, lane);
+        dq, sdS + ds_buf * Tr::kSTileBytes + qm * Tr::kQMT * 16 * 2, kPitchM, sK + qd * Tr::kQNT * 8 * 2,
+        kPitchD, lane);
 #pragma unroll
     for (int mt = 0; mt < Tr::kQMT; ++mt) {
       const int r = m0 + qm * Tr::kQMT * 16 + mt * 16 + g;
@@ -243,6 +168,146 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
         if (r + 8 < Nq) atomic_add_f2(gdq + int64_t(r + 8) * D + c, dq[mt][nt][2], dq[mt][nt][3]);
       }
     }
+  };
+
+  load_rows_async<kBlockN, D, kPitchD, kNThreads>(sK, gk, params.k_stride.row, n0, Nk, tid);
+  load_rows_async<kBlockN, D, kPitchD, kNThreads>(sV, gv, params.v_stride.row, n0, Nk, tid);
+  if (m_begin < m_end) load_query_tile(Tr::kStagger ? tile_at(0) : m_begin, 0);
+  cp_async_commit();
+
+  float dk[MT][Tr::kKVNT][4], dv[MT][Tr::kKVNT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < Tr::kKVNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mt][nt][e] = dv[mt][nt][e] = 0.f;
+    }
+  }
+
+  for (int step = m_begin; step < m_end; ++step) {
+    const int m = Tr::kStagger ? tile_at(step - m_begin) : step;
+    const int buf = (step - m_begin) & 1;
+    cp_async_wait<0>();
+    // Tile m landed; every warp is done with the previous step (buffer buf ^ 1, sdS, sP) and, with
+    // kDeferDq, has stored the previous step's dS^T (buffer buf ^ 1 of sdS).
+    __syncthreads();
+    if (step + 1 < m_end) load_query_tile(Tr::kStagger ? tile_at(step + 1 - m_begin) : step + 1, buf ^ 1);
+    cp_async_commit();
+    if constexpr (Tr::kDeferDq) {
+      if (step > m_begin) dq_tile(tile_at(step - 1 - m_begin), buf ^ 1);
+    }
+
+    const int m0 = m * kBlockM;
+    const uint32_t sQ = s0 + Tr::kOffQ + buf * Tr::kQTileBytes;
+    const uint32_t sdO = s0 + Tr::kOffdO + buf * Tr::kQTileBytes;
+    const float* lse = sLse + buf * kBlockM;
+    const float* dsum = sDsum + buf * kBlockM;
+    const int ds_buf = Tr::kDeferDq ? buf : 0;
+    T* sdS_tile = reinterpret_cast<T*>(smem + Tr::kOffdS + ds_buf * Tr::kSTileBytes);
+
+    // Columns need masking only on a partial last tile or across the causal diagonal.
+    const bool col_mask = (m0 + kBlockM > Nq) || (causal && m0 + diag < n0 + kBlockN - 1);
+#pragma unroll
+    for (int ch = 0; ch < Tr::kSChunks; ++ch) {
+      const int cb = sq * Tr::kSCols + ch * Tr::kSChunkCols;  // first query column of the chunk
+
+      // S^T (this warp: kWarpKeys keys x kSChunkCols queries).
+      float s[MT][Tr::kSNT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Tr::kSNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+        }
+      }
+      warp_gemm_ss<T, MT, Tr::kSNT, D / 16, false, false>(s, sK + key0 * kPitchD * 2, kPitchD,
+                                                           sQ + cb * kPitchD * 2, kPitchD, lane);
+
+      // P^T in place.
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+        const int c = cb + nt * 8 + 2 * t;  // column in the tile (queries c, c + 1)
+        const float2 l = *reinterpret_cast<const float2*>(lse + c);
+        const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float p = fast_exp2(fmaf(s[mt][nt][e], params.scale_log2, (e & 1) ? nl1 : nl0));
+            if (!(e < 2 ? vis[mt][0] : vis[mt][1])) p = 0.f;
+            if (col_mask) {
+              const int i = m0 + c + (e & 1), j = e < 2 ? jrow[mt][0] : jrow[mt][1];
+              if (i >= Nq || (causal && j > i + diag)) p = 0.f;
+            }
+            s[mt][nt][e] = p;
+          }
+        }
+      }
+
+      // dP^T (same shape as S^T).
+      float dp[MT][Tr::kSNT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Tr::kSNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[mt][nt][e] = 0.f;
+        }
+      }
+      warp_gemm_ss<T, MT, Tr::kSNT, D / 16, false, false>(dp, sV + key0 * kPitchD * 2, kPitchD,
+                                                           sdO + cb * kPitchD * 2, kPitchD, lane);
+
+      // dV += P^T dO straight from registers (dO rows cb.. of the chunk).
+      if constexpr (Tr::kPInRegs) {
+        warp_gemm_rs<T, MT, Tr::kKVNT, Tr::kSChunkCols / 16, true>(dv, s, sdO + cb * kPitchD * 2, kPitchD,
+                                                                    lane);
+      }
+
+      // dS^T = P^T o (dP^T - softmax_d), in place of dP^T.
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+        const int c = cb + nt * 8 + 2 * t;
+        const float2 d = *reinterpret_cast<const float2*>(dsum + c);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dp[mt][nt][e] = s[mt][nt][e] * (dp[mt][nt][e] - ((e & 1) ? d.y : d.x));
+          }
+        }
+      }
+      store_frags_smem<T, MT, Tr::kSNT>(sdS_tile, kPitchM, key0, cb, dp, 1.f, lane);
+
+      if constexpr (Tr::kPInRegs) {
+        // dK += dS^T Q straight from registers.
+        warp_gemm_rs<T, MT, Tr::kKVNT, Tr::kSChunkCols / 16, true>(dk, dp, sQ + cb * kPitchD * 2, kPitchD,
+                                                                    lane);
+      } else {
+        store_frags_smem<T, MT, Tr::kSNT>(reinterpret_cast<T*>(smem + Tr::kOffP), kPitchM, key0, cb, s, 1.f,
+                                          lane);
+      }
+    }
+
+    if constexpr (!Tr::kDeferDq) {
+      __syncthreads();  // dS^T (and P^T) complete
+
+      if constexpr (!Tr::kPInRegs) {
+        // dV += P^T dO, dK += dS^T Q with A from shared memory (this warp: kKVCols dims).
+        warp_gemm_ss<T, MT, Tr::kKVNT, kBlockM / 16, false, true>(dv, sP + key0 * kPitchM * 2, kPitchM,
+                                                                   sdO + sq * Tr::kKVCols * 2, kPitchD, lane);
+        warp_gemm_ss<T, MT, Tr::kKVNT, kBlockM / 16, false, true>(dk, sdS + key0 * kPitchM * 2, kPitchM,
+                                                                   sQ + sq * Tr::kKVCols * 2, kPitchD, lane);
+      }
+      dq_tile(m, 0);
+    }
+  }
+  if constexpr (Tr::kDeferDq) {
+    if (n_tiles > 0) {
+      __syncthreads();  // dS^T of the last step complete
+      dq_tile(tile_at(n_tiles - 1), (n_tiles - 1) & 1);
+    }
   }
 
   // Epilogue: stage dK (times scale) and dV in sK / sV, then 16-byte stores of the valid rows.
@@ -250,8 +315,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
   __syncthreads();  // every warp is done reading sK / sV and no copy into them is in flight
   T* sKe = reinterpret_cast<T*>(smem + Tr::kOffK);
   T* sVe = reinterpret_cast<T*>(smem + Tr::kOffV);
-  store_frags_smem<T, 1, Tr::kKVNT>(sVe, kPitchD, kw * 16, sq * Tr::kKVCols, dv, 1.f, lane);
-  store_frags_smem<T, 1, Tr::kKVNT>(sKe, kPitchD, kw * 16, sq * Tr::kKVCols, dk, params.scale, lane);
+  store_frags_smem<T, MT, Tr::kKVNT>(sVe, kPitchD, key0, sq * Tr::kKVCols, dv, 1.f, lane);
+  store_frags_smem<T, MT, Tr::kKVNT>(sKe, kPitchD, key0, sq * Tr::kKVCols, dk, params.scale, lane);
   __syncthreads();
   T* gdk = static_cast<T*>(params.dk) + bh * Nk * D;
   T* gdv = static_cast<T*>(params.dv) + bh * Nk * D;
@@ -265,6 +330,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
       *reinterpret_cast<uint4*>(gdk + o) = *reinterpret_cast<const uint4*>(sKe + r * kPitchD + c * 8);
       *reinterpret_cast<uint4*>(gdv + o) = *reinterpret_cast<const uint4*>(sVe + r * kPitchD + c * 8);
     }
+  }
+}
+
+// Opt-in shared memory per block of sm_80 (sm_90: 227 KB).
+constexpr int kMaxSmemPerBlockSm80 = 163 * 1024;
+
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(const BwdParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (Tr::kSmemBytes > kMaxSmemPerBlockSm80) {
+    __trap();  // a tile variant for sm_90's shared memory: its launch fails before reaching here
+  } else
+#endif
+  {
+    bwd_block<T, Tr>(params);
   }
 }
 

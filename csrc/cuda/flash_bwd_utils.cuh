@@ -109,21 +109,24 @@ __device__ __forceinline__ void warp_gemm_ss(float (&acc)[MT][NT][4], uint32_t s
   }
 }
 
-// acc += A * B with A (16 x 16KT) given as fp32 accumulator fragments pa[2KT] (one 16 x 8 C
-// fragment per n8 tile of a previous product), rounded to T here; B in shared memory.
-// C fragments 2kk and 2kk+1 hold exactly the A fragment of step kk: (c0,c1) of 2kk -> a0,
-// (c2,c3) of 2kk -> a1, (c0,c1) of 2kk+1 -> a2, (c2,c3) of 2kk+1 -> a3.
-template <typename T, int NT, int KT, bool kBTrans>
-__device__ __forceinline__ void warp_gemm_rs(float (&acc)[1][NT][4], const float (&pa)[2 * KT][4],
+// acc += A * B with A (16MT x 16KT) given as fp32 accumulator fragments pa[MT][2KT] (one 16 x 8 C
+// fragment per m16 tile and n8 tile of a previous product), rounded to T here; B in shared memory.
+// C fragments 2kk and 2kk+1 of an m16 tile hold exactly its A fragment of step kk: (c0,c1) of 2kk
+// -> a0, (c2,c3) of 2kk -> a1, (c0,c1) of 2kk+1 -> a2, (c2,c3) of 2kk+1 -> a3.
+template <typename T, int MT, int NT, int KT, bool kBTrans>
+__device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][NT][4], const float (&pa)[MT][2 * KT][4],
                                              uint32_t sB, int ldb, int lane) {
 #pragma unroll
   for (int kk = 0; kk < KT; ++kk) {
-    uint32_t a[1][4];
-    a[0][0] = ElemTraits<T>::pack(pa[2 * kk][0], pa[2 * kk][1]);
-    a[0][1] = ElemTraits<T>::pack(pa[2 * kk][2], pa[2 * kk][3]);
-    a[0][2] = ElemTraits<T>::pack(pa[2 * kk + 1][0], pa[2 * kk + 1][1]);
-    a[0][3] = ElemTraits<T>::pack(pa[2 * kk + 1][2], pa[2 * kk + 1][3]);
-    mma_row_of_b<T, 1, NT, kBTrans>(acc, a, sB, ldb, kk * 16, lane);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = ElemTraits<T>::pack(pa[mt][2 * kk][0], pa[mt][2 * kk][1]);
+      a[mt][1] = ElemTraits<T>::pack(pa[mt][2 * kk][2], pa[mt][2 * kk][3]);
+      a[mt][2] = ElemTraits<T>::pack(pa[mt][2 * kk + 1][0], pa[mt][2 * kk + 1][1]);
+      a[mt][3] = ElemTraits<T>::pack(pa[mt][2 * kk + 1][2], pa[mt][2 * kk + 1][3]);
+    }
+    mma_row_of_b<T, MT, NT, kBTrans>(acc, a, sB, ldb, kk * 16, lane);
   }
 }
 
