@@ -6,17 +6,31 @@ gradient clipping, evaluates with greedy decoding on a held-out set, and writes 
 
 - ``metrics.jsonl``: one JSON record per training step (``"kind": "train"``) and per evaluation
   (``"kind": "eval"``);
-- ``metrics.json``: the final summary (also returned): backend requested / that served the last call,
-  held-out token and exact-sequence accuracy, ``tokens_per_second`` (non-padding source + target tokens
-  per second of training-step time, evaluation excluded), ``peak_memory_mb`` (CUDA max allocated, or the
-  process's peak RSS on CPU), ``train_time_s`` (the whole loop, evaluation included), final loss;
+- ``metrics.json``: the final summary (also returned): ``status`` (``"ok"``, or ``"oom"`` below), backend
+  requested / that served the last call, task, ``seq_len`` (``task.max_len``) and ``batch_size``, held-out
+  token and exact-sequence accuracy (absent with ``trainer.eval_batches=0``, which turns evaluation off),
+  ``tokens_per_second`` (non-padding source + target tokens per second of training-step time, evaluation
+  excluded, the first ``trainer.untimed_steps`` steps of the run (default 0) excluded too),
+  ``peak_memory_mb`` with ``peak_memory_kind`` (``"cuda_max_allocated"``: torch.cuda.max_memory_allocated;
+  on CPU ``"process_peak_rss"``: the process's peak resident set size during this run, or
+  ``"process_peak_rss_lifetime"`` where Linux's peak counter can't be reset) and ``start_memory_mb`` (the
+  same measure at the start), ``train_time_s`` (the whole loop, evaluation included), final loss;
 - ``checkpoint.pt``: model, optimizer, scheduler, grad scaler, step, config and RNG states, written
   atomically; ``trainer.resume=PATH`` continues from one.
+
+Running out of memory (``torch.OutOfMemoryError``, e.g. a CUDA allocation failing) during training or
+evaluation does not raise in a single process: the run stops, frees what it holds, and writes
+``metrics.json`` with ``"status": "oom"``, the step it failed in (``oom_step``), the phase (``oom_phase``:
+train / eval / checkpoint) and the error's first line (``oom_message``), then returns normally, so that a
+Hydra multirun goes on with its next job. Under torchrun (several processes) the error is raised: the other
+ranks would otherwise wait for it forever in a collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import importlib
 import json
 import logging
@@ -154,12 +168,14 @@ def validate_config(cfg: DictConfig) -> torch.device:
         raise ValueError(f"precision={cfg.precision!r} must be one of {sorted(PRECISIONS)}")
     if trainer.schedule not in SCHEDULES:
         raise ValueError(f"trainer.schedule={trainer.schedule!r} must be one of {list(SCHEDULES)}")
-    for key in ("steps", "batch_size", "eval_batches", "eval_batch_size"):
+    for key in ("steps", "batch_size", "eval_batch_size"):
         if trainer[key] < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {trainer[key]}")
-    for key in ("warmup_steps", "eval_every", "log_every", "checkpoint_every"):
+    for key in ("warmup_steps", "eval_every", "log_every", "checkpoint_every", "eval_batches"):
         if trainer[key] < 0:
             raise ValueError(f"trainer.{key} must be >= 0, got {trainer[key]}")
+    if (trainer.get("untimed_steps") or 0) < 0:
+        raise ValueError(f"trainer.untimed_steps must be >= 0, got {trainer.untimed_steps}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if trainer.batch_size % world_size != 0:
         raise ValueError(
@@ -292,10 +308,56 @@ def _output_dir(output_dir: str | Path | None) -> Path:
     return path
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def _release_free_heap() -> None:
+    """Give freed C heap memory back to the OS (glibc ``malloc_trim``), so that RSS counts what is in use."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _current_memory_mb(device: torch.device) -> float:
+    """What is in use now: CUDA memory allocated by torch, or the process's resident set size."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return torch.cuda.memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # the value is in KiB
+    return float("nan")
+
+
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Start a fresh peak: CUDA's allocator statistics, or Linux's peak-RSS counter (False if it can't).
+
+    On CPU the memory freed by earlier work (an earlier run of a multirun) is first handed back to the OS,
+    so that it does not count in this run's peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    gc.collect()
+    _release_free_heap()
+    try:
+        _CLEAR_REFS.write_text("5")  # "5" resets the process's peak resident set size (VmHWM)
+    except OSError:
+        return False
+    return True
+
+
+def _peak_memory_mb(device: torch.device, reset_worked: bool) -> tuple[float, str]:
+    """Peak memory in MiB since ``_reset_peak_memory`` and what it measures (``peak_memory_kind``)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    if reset_worked:
+        with contextlib.suppress(OSError):
+            for line in _PROC_STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "process_peak_rss"  # the value is in KiB
+    # Linux reports KiB; this peak covers the whole process (earlier runs in a multirun included).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss_lifetime"
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
@@ -371,8 +433,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     stop_at = (
         trainer.steps if trainer.get("stop_at_step") is None else min(trainer.steps, trainer.stop_at_step)
     )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_reset = _reset_peak_memory(device)
+    start_memory_mb = _current_memory_mb(device)
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "fp32")
@@ -395,102 +457,146 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
 
     model.train()
     start_step = step
-    tokens_seen = 0
-    step_time = 0.0
+    untimed_steps = trainer.get("untimed_steps") or 0
+    tokens_seen = timed_tokens = timed_steps = 0
+    step_time = timed_time = 0.0
     loss_value = accuracy = float("nan")
     eval_metrics: dict[str, float] = {}
+    evaluating = trainer.eval_batches > 0
+    phase, in_progress = "train", step  # what runs now, and which step it belongs to (for an OOM report)
+    oom: dict[str, Any] | None = None
+    backend_calls: dict[str, int] = {}
     started = time.perf_counter()
-    with (
-        open(out_dir / "metrics.jsonl", "a") if ctx.is_main else open(os.devnull, "w") as jsonl,
-        logging_redirect_tqdm(),
-        _track_backends() as backend_calls,
-        tqdm(
-            total=trainer.steps,
-            initial=step,
-            desc=f"{task.name}",
-            dynamic_ncols=True,
-            disable=None if ctx.is_main else True,
-        ) as bar,
-    ):
-        while step < stop_at:
-            t0 = time.perf_counter()
-            global_batch = task.sample(trainer.batch_size, generator)
-            batch = local_slice(global_batch, ctx).to(device)
-            with autocast():
-                logits = ddp_model(
-                    batch.src, batch.tgt_in, batch.src_key_padding_mask, batch.tgt_key_padding_mask
+    try:
+        with (
+            open(out_dir / "metrics.jsonl", "a") if ctx.is_main else open(os.devnull, "w") as jsonl,
+            logging_redirect_tqdm(),
+            _track_backends() as backend_calls,
+            tqdm(
+                total=trainer.steps,
+                initial=step,
+                desc=f"{task.name}",
+                dynamic_ncols=True,
+                disable=None if ctx.is_main else True,
+            ) as bar,
+        ):
+            while step < stop_at:
+                phase, in_progress = "train", step + 1
+                t0 = time.perf_counter()
+                global_batch = task.sample(trainer.batch_size, generator)
+                batch = local_slice(global_batch, ctx).to(device)
+                with autocast():
+                    logits = ddp_model(
+                        batch.src, batch.tgt_in, batch.src_key_padding_mask, batch.tgt_key_padding_mask
+                    )
+                valid = ~batch.tgt_key_padding_mask
+                loss_sum = F.cross_entropy(
+                    logits.float().flatten(0, 1),
+                    batch.tgt_out.flatten(),
+                    ignore_index=task.pad_id,
+                    reduction="sum",
                 )
-            valid = ~batch.tgt_key_padding_mask
-            loss_sum = F.cross_entropy(
-                logits.float().flatten(0, 1),
-                batch.tgt_out.flatten(),
-                ignore_index=task.pad_id,
-                reduction="sum",
-            )
-            counts = global_sum(torch.stack([valid.sum().float(), loss_sum.detach()]), ctx)
-            loss = loss_sum * ctx.world_size / counts[0]  # DDP's average over ranks gives the global mean
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-
-            with torch.no_grad():
-                hits = global_sum(((logits.argmax(-1) == batch.tgt_out) & valid).sum().float(), ctx)
-                accuracy = float(hits / counts[0])
-            loss_value = float(counts[1] / counts[0])
-            step_time += time.perf_counter() - t0
-            tokens_seen += global_batch.num_tokens
-            tokens_per_second = tokens_seen / max(step_time, 1e-9)
-            record = {
-                "kind": "train",
-                "step": step,
-                "loss": loss_value,
-                "accuracy": accuracy,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": tokens_per_second,
-            }
-            jsonl.write(json.dumps(record) + "\n")
-            bar.update(1)
-            if trainer.log_every and (step % trainer.log_every == 0 or step == stop_at):
-                bar.set_postfix(
-                    loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", tok_s=f"{tokens_per_second:,.0f}"
+                counts = global_sum(torch.stack([valid.sum().float(), loss_sum.detach()]), ctx)
+                loss = loss_sum * ctx.world_size / counts[0]  # DDP's average over ranks: the global mean
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), trainer.grad_clip or float("inf")
                 )
-                jsonl.flush()
+                scaler.step(optimizer)
+                scaler.update()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
 
-            if (trainer.eval_every and step % trainer.eval_every == 0) or step == trainer.steps:
+                with torch.no_grad():
+                    hits = global_sum(((logits.argmax(-1) == batch.tgt_out) & valid).sum().float(), ctx)
+                    accuracy = float(hits / counts[0])  # also waits for the GPU: the step time is complete
+                loss_value = float(counts[1] / counts[0])
+                this_step_time = time.perf_counter() - t0
+                step_time += this_step_time
+                tokens_seen += global_batch.num_tokens
+                if step - start_step > untimed_steps:
+                    timed_time += this_step_time
+                    timed_tokens += global_batch.num_tokens
+                    timed_steps += 1
+                tokens_per_second = tokens_seen / max(step_time, 1e-9)
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    "loss": loss_value,
+                    "accuracy": accuracy,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_second": tokens_per_second,
+                    "step_time_s": this_step_time,
+                }
+                jsonl.write(json.dumps(record) + "\n")
+                bar.update(1)
+                if trainer.log_every and (step % trainer.log_every == 0 or step == stop_at):
+                    bar.set_postfix(
+                        loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", tok_s=f"{tokens_per_second:,.0f}"
+                    )
+                    jsonl.flush()
+
+                if evaluating and (
+                    (trainer.eval_every and step % trainer.eval_every == 0) or step == trainer.steps
+                ):
+                    phase, in_progress = "eval", step
+                    eval_metrics = evaluate(model, eval_set, task, device, autocast())
+                    jsonl.write(json.dumps({"kind": "eval", "step": step, **eval_metrics}) + "\n")
+                    jsonl.flush()
+                    log.info(
+                        "step %d: loss %.4f, eval token acc %.4f, eval sequence acc %.4f",
+                        step,
+                        loss_value,
+                        eval_metrics["eval_token_accuracy"],
+                        eval_metrics["eval_sequence_accuracy"],
+                    )
+                if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop_at:
+                    phase, in_progress = "checkpoint", step
+                    checkpoint()
+            if evaluating and not eval_metrics:
+                phase, in_progress = "eval", step
                 eval_metrics = evaluate(model, eval_set, task, device, autocast())
-                jsonl.write(json.dumps({"kind": "eval", "step": step, **eval_metrics}) + "\n")
-                jsonl.flush()
-                log.info(
-                    "step %d: loss %.4f, eval token acc %.4f, eval sequence acc %.4f",
-                    step,
-                    loss_value,
-                    eval_metrics["eval_token_accuracy"],
-                    eval_metrics["eval_sequence_accuracy"],
-                )
-            if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or step == stop_at:
-                checkpoint()
-        if not eval_metrics:
-            eval_metrics = evaluate(model, eval_set, task, device, autocast())
-        backend_calls = dict(backend_calls)
+    except torch.OutOfMemoryError as err:
+        if ctx.enabled:
+            raise  # the other ranks would wait for this one in their next collective
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        oom = {"oom_step": in_progress, "oom_phase": phase, "oom_message": message}
+        log.warning("out of memory in %s at step %d: %s", phase, in_progress, message)
+    backend_calls = dict(backend_calls)
+    if oom is not None:
+        # The traceback (and the tensors its frames held) is gone once the except block ends; drop this
+        # frame's references too, so that the next run of a multirun starts with the memory free.
+        global_batch = batch = logits = valid = loss_sum = counts = loss = grad_norm = hits = None
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     train_time = time.perf_counter() - started
+    if timed_steps == 0:  # every step was untimed (or none ran): time them all
+        timed_time, timed_tokens, timed_steps = step_time, tokens_seen, step - start_step
+    peak_mb, peak_kind = _peak_memory_mb(device, peak_reset)
     metrics: dict[str, Any] = {
+        "status": "ok" if oom is None else "oom",
         "backend_requested": cfg.model.get("backend") or cfg.attention.name,
         "backend_used": attention_backends.last_backend_used(),
         "backend_calls": backend_calls,
         "task": task.name,
+        "seq_len": task.max_len,
+        "min_seq_len": task.min_len,
+        "batch_size": trainer.batch_size,
         "steps": step,
         "steps_this_run": step - start_step,
         **eval_metrics,
-        "tokens_per_second": tokens_seen / step_time if step_time > 0 else 0.0,
-        "peak_memory_mb": _peak_memory_mb(device),
+        **({"tokens_per_second": timed_tokens / timed_time} if timed_time > 0 else {}),
+        "timed_steps": timed_steps,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": peak_kind,
+        "start_memory_mb": start_memory_mb,
         "train_time_s": train_time,
         "final_loss": loss_value,
         "final_train_accuracy": accuracy,
@@ -498,7 +604,10 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         "precision": cfg.precision,
         "seed": cfg.seed,
         "output_dir": str(out_dir),
+        **(oom or {}),
     }
+    if oom is None and "tokens_per_second" not in metrics:
+        metrics["tokens_per_second"] = 0.0  # no step ran (resumed at the end): nothing was timed
     metrics["world_size"] = ctx.world_size
     if ctx.is_main:
         _write_json(out_dir / "metrics.json", metrics)
