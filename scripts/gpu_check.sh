@@ -56,10 +56,11 @@ fi
 if [[ " $stages " == *" sanitize "* ]]; then
   # The kernels' test matrix (scripts/sanitizer_case.py) under memcheck, racecheck and synccheck, the three
   # tools at once (spread over the GPUs when there are several).
-  gpus=$(nvidia-smi -L | wc -l)
+  # SANITIZE_GPUS="1" keeps them off GPU 0 (e.g. while GPU 0 runs the tests).
+  read -r -a gpu_list <<< "${SANITIZE_GPUS:-$(seq -s ' ' 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}"
   i=0
   for tool in memcheck racecheck synccheck; do
-    ( CUDA_VISIBLE_DEVICES=$(( i % gpus )) timeout 420 compute-sanitizer --tool $tool --error-exitcode 9 \
+    ( CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]} timeout 420 compute-sanitizer --tool $tool --error-exitcode 9 \
         python3 scripts/sanitizer_case.py > "/tmp/sanitize_$tool.log" 2>&1
       echo "compute-sanitizer $tool (scripts/sanitizer_case.py): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_$tool.log" | tail -1) $(grep -E '^sanitizer case [a-z]' "/tmp/sanitize_$tool.log" | tr '\n' ' ')" > "/tmp/sanitize_$tool.note" ) &
     i=$(( i + 1 ))
@@ -70,8 +71,33 @@ if [[ " $stages " == *" sanitize "* ]]; then
     { echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|Barrier|Error" "/tmp/sanitize_$tool.log" | head -20; tail -4 "/tmp/sanitize_$tool.log"; } >> "$OUT/sanitize.log"
   done
 fi
+if [[ " $stages " == *" decode "* ]]; then
+  # Decode-shaped kernels (Nq = 1 and 4 against Nk = 512..64k) and generate() with and without the KV cache.
+  python3 scripts/bench_decode_cuda.py --out "$OUT" > /tmp/decode_kernels.log 2>&1
+  note "decode kernels (scripts/bench_decode_cuda.py): rc=$?"; tail -40 /tmp/decode_kernels.log >> "$summary"
+  for kv in 16 4; do
+    python3 scripts/bench_decoding.py --device cuda --dtype bfloat16 --d-model 1024 --num-heads 16 \
+      --num-kv-heads $kv --num-layers 4 --dim-feedforward 4096 --batch-size 32 --src-len 256 \
+      --new-tokens 256 --repeats 3 > /tmp/decoding_$kv.log 2>&1
+    note "generate (scripts/bench_decoding.py, $kv kv heads): rc=$?"; tail -9 /tmp/decoding_$kv.log >> "$summary"
+  done
+fi
+if [[ " $stages " == *" model "* ]]; then
+  # Model-level tokens/s and peak memory per backend (Hydra multirun), naive running out of memory at 32k.
+  timeout 420 python3 train.py -m +experiment=long_context attention=naive,sdpa,flash \
+    task.max_len=1024,8192,32768 hydra.sweep.dir=/tmp/model_level > /tmp/model_level.log 2>&1
+  note "model level (train.py -m +experiment=long_context): rc=$?"
+  python3 scripts/collect_metrics.py /tmp/model_level --out "$OUT/model_level" >> "$summary" 2>&1
+fi
+if [[ " $stages " == *" sweep "* ]]; then
+  mkdir -p /tmp/sweep
+  timeout 480 python3 scripts/sweep_bwd.py --head-dims 64,128 --out /tmp/sweep/bwd_sweep.csv > /tmp/bwd_sweep.log 2>&1
+  note "backward variants (scripts/sweep_bwd.py): rc=$?"; tail -45 /tmp/bwd_sweep.log >> "$summary"
+  cp /tmp/sweep/bwd_sweep.csv "$OUT/" 2>/dev/null
+fi
 if [[ " $stages " == *" ddp "* ]]; then
-  bash scripts/ddp_speedup.sh > "$OUT/ddp.md" 2>&1
+  OUT=/tmp/ddp_logs bash scripts/ddp_speedup.sh > "$OUT/ddp.md" 2>&1
+  grep -q "speed-up" "$OUT/ddp.md" || tail -n 15 /tmp/ddp_logs/*.log >> "$OUT/ddp.md"
   note "ddp (scripts/ddp_speedup.sh):"; cat "$OUT/ddp.md" >> "$summary"
 fi
 echo "==== summary"
