@@ -26,9 +26,9 @@ if [[ " $stages " == *" build "* ]]; then
 fi
 if [[ " $stages " == *" tests "* ]]; then
   # Error-path tests first and apart: a crash there must not hide the rest.
-  python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "bad_inputs" > /tmp/tests_errors.log 2>&1
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "bad_inputs" > /tmp/tests_errors.log 2>&1
   note "tests (bad inputs): rc=$? $(tail -1 /tmp/tests_errors.log)"
-  python3 -m pytest -q -p no:cacheprovider -m cuda tests/ -k "not bad_inputs" \
+  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/ -k "not bad_inputs" \
     > "$OUT/tests.log" 2>&1
   note "tests: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
@@ -60,7 +60,7 @@ if [[ " $stages " == *" sanitize "* ]]; then
   read -r -a gpu_list <<< "${SANITIZE_GPUS:-$(seq -s ' ' 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}"
   i=0
   for tool in memcheck racecheck synccheck; do
-    ( CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]} timeout 420 compute-sanitizer --tool $tool --error-exitcode 9 \
+    ( CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]} timeout "${SANITIZE_TIMEOUT:-420}" compute-sanitizer --tool $tool --error-exitcode 9 \
         python3 scripts/sanitizer_case.py > "/tmp/sanitize_$tool.log" 2>&1
       echo "compute-sanitizer $tool (scripts/sanitizer_case.py): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_$tool.log" | tail -1) $(grep -E '^sanitizer case [a-z]' "/tmp/sanitize_$tool.log" | tr '\n' ' ')" > "/tmp/sanitize_$tool.note" ) &
     i=$(( i + 1 ))
@@ -84,7 +84,7 @@ if [[ " $stages " == *" decode "* ]]; then
 fi
 if [[ " $stages " == *" model "* ]]; then
   # Model-level tokens/s and peak memory per backend (Hydra multirun), naive running out of memory at 32k.
-  timeout 420 python3 train.py -m +experiment=long_context attention=naive,sdpa,flash \
+  timeout "${MODEL_TIMEOUT:-420}" python3 train.py -m +experiment=long_context attention=naive,sdpa,flash \
     task.max_len=1024,8192,32768 hydra.sweep.dir=/tmp/model_level > /tmp/model_level.log 2>&1
   note "model level (train.py -m +experiment=long_context): rc=$?"
   python3 scripts/collect_metrics.py /tmp/model_level --out "$OUT/model_level" >> "$summary" 2>&1
