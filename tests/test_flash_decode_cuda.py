@@ -67,7 +67,7 @@ def reference_lse(
         visible = j <= i + (len_k - len_q)
     visible = visible.view(1, 1, len_q, len_k)
     if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask.view(-1, 1, 1, len_k)
+        visible = visible & ~key_padding_mask.view(q.shape[0], 1, 1, len_k)
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
