@@ -16,13 +16,16 @@ DEFAULT_CUDA_ARCH_FLAGS = [
 ]
 
 
+def cuda_kernel_sources() -> list[Path]:
+    """The CUDA kernel files (free of torch headers): csrc/cuda/*.cu and csrc/cuda/instantiations/*.cu."""
+    return sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda" / "instantiations").glob("*.cu"))
+
+
 def sources(with_cuda: bool) -> list[str]:
-    """The C++ sources (always) and, with CUDA, the CUDA API layer and kernel instantiations."""
+    """The C++ sources (always) and, with CUDA, the CUDA API layer and the kernel files."""
     files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
     if with_cuda:
-        files += sorted((CSRC / "cuda").glob("*.cpp")) + sorted(
-            (CSRC / "cuda" / "instantiations").glob("*.cu")
-        )
+        files += sorted((CSRC / "cuda").glob("*.cpp")) + cuda_kernel_sources()
     return [str(f) for f in files]
 
 

@@ -1,5 +1,6 @@
-"""The CUDA kernel sources compile with nvcc alone (no torch headers), so a CUDA build break fails CI
-even on machines without a GPU. Skipped where nvcc is missing, unless FLASH_ATTN_REQUIRE_NVCC=1."""
+"""The CUDA kernel sources (csrc/cuda/*.cu and csrc/cuda/instantiations/*.cu) compile with nvcc alone (no
+torch headers), with the flags of the real build, so a CUDA build break fails CI even on machines without
+a GPU. Skipped where nvcc is missing, unless FLASH_ATTN_REQUIRE_NVCC=1."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import pytest
 
 from attention_backends import _build
 
-KERNEL_SOURCES = sorted((_build.CSRC / "cuda" / "instantiations").glob("*.cu"))
+KERNEL_SOURCES = _build.cuda_kernel_sources()
+# What torch's CUDAExtension adds to every nvcc command (torch.utils.cpp_extension.COMMON_NVCC_FLAGS): no
+# implicit half / bfloat16 conversions or operators, so the kernels must use the explicit intrinsics.
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 
 
 def _nvcc() -> str:
@@ -27,6 +36,13 @@ def _nvcc() -> str:
     return nvcc
 
 
+def test_every_kernel_file_is_compiled():
+    sources = set(_build.sources(with_cuda=True))
+    for path in (_build.CSRC / "cuda").rglob("*.cu"):
+        assert str(path) in sources, f"{path} is not in the CUDA build (attention_backends/_build.py)"
+    assert _build.CSRC / "cuda" / "add_layernorm_cuda.cu" in KERNEL_SOURCES
+
+
 def test_every_head_dim_and_dtype_has_kernels():
     names = {p.stem for p in KERNEL_SOURCES}
     for direction in ("fwd", "bwd"):
@@ -37,7 +53,7 @@ def test_every_head_dim_and_dtype_has_kernels():
 
 def test_kernel_sources_compile_with_nvcc(tmp_path):
     nvcc = _nvcc()
-    flags = [f for f in _build.nvcc_flags() if not f.startswith("-lineinfo")]
+    flags = [f for f in _build.nvcc_flags() if not f.startswith("-lineinfo")] + TORCH_NVCC_DEFINES
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         flags += _build.DEFAULT_CUDA_ARCH_FLAGS
 

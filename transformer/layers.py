@@ -2,8 +2,12 @@
 
 The layers call their attention modules with ``torch.nn.MultiheadAttention``'s signature, so a subclass
 may replace ``self_attn`` / ``multihead_attn`` with torch's module (``batch_first`` must match the
-layer's). Residual connections and normalisation live in ``_add_norm`` / ``_add`` so that a fused
-add + LayerNorm can replace them.
+layer's). Residual connections and normalisation live in ``_add_norm`` / ``_add_then_norm`` / ``_add``.
+With ``fused_add_norm`` (the default) each residual add and the LayerNorm that follows it run as one
+fused op (``transformer.add_layernorm``): post-norm ``norm(x + sublayer(x))``, and in pre-norm layers
+the add after a sublayer together with the next sublayer's norm (the layer's last add stays plain).
+The norms stay ``nn.LayerNorm`` modules (same state_dict); a norm that is not an affine ``nn.LayerNorm``
+is applied unfused.
 
 Shapes (batch_first=True; swap the first two dims otherwise)::
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .add_layernorm import add_layernorm
 from .attention import MultiHeadAttention
 from .kv_cache import CrossAttentionCache, LayerKVCache, SelfAttentionCache
 
@@ -65,14 +70,36 @@ class _SublayerMixin:
 
     norm_first: bool
     batch_first: bool
+    fused_add_norm: bool
 
     def _seq_dim(self, x: Tensor) -> int:
         """Index of the sequence dim of ``x``: 1 for batched batch-first input, else 0."""
         return 1 if self.batch_first and x.dim() == 3 else 0
 
+    def _fuses(self, norm: nn.Module) -> bool:
+        """Whether an add followed by ``norm`` runs as the fused op: the flag is on and ``norm`` is an
+        ``nn.LayerNorm`` over the last dim with a weight."""
+        return (
+            getattr(self, "fused_add_norm", False)
+            and isinstance(norm, nn.LayerNorm)
+            and norm.elementwise_affine
+            and len(norm.normalized_shape) == 1
+        )
+
     def _add_norm(self, x: Tensor, sublayer_out: Tensor, norm: nn.Module) -> Tensor:
         """Post-norm step: ``norm(x + sublayer_out)``."""
+        if self._fuses(norm):
+            return add_layernorm(x, sublayer_out, norm.weight, norm.bias, norm.eps)[0]
         return norm(x + sublayer_out)
+
+    def _add_then_norm(self, x: Tensor, sublayer_out: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        """Pre-norm step between two sublayers: the new residual ``s = x + sublayer_out`` and ``norm(s)``,
+        the next sublayer's input."""
+        if self._fuses(norm):
+            y, s = add_layernorm(x, sublayer_out, norm.weight, norm.bias, norm.eps)
+            return s, y
+        s = self._add(x, sublayer_out)
+        return s, norm(s)
 
     def _add(self, x: Tensor, sublayer_out: Tensor) -> Tensor:
         """Pre-norm step: ``x + sublayer_out`` (the input was normalised before the sublayer)."""
@@ -108,6 +135,8 @@ class EncoderLayer(_SublayerMixin, nn.Module):
         num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
         backend: attention backend name; None uses the registry default at call time.
         bias: biases in the linear layers and LayerNorms.
+        fused_add_norm: run each residual add and the LayerNorm after it as one fused op
+            (``transformer.add_layernorm``; unfused torch ops where it can't serve the call).
 
     Shape:
         src: (B, S, E) (or (S, B, E)); src_mask: (S, S) or (B * H, S, S); src_key_padding_mask: (B, S).
@@ -127,6 +156,7 @@ class EncoderLayer(_SublayerMixin, nn.Module):
         num_kv_heads: int | None = None,
         backend: str | None = None,
         bias: bool = True,
+        fused_add_norm: bool = True,
     ) -> None:
         super().__init__()
         _check_layer_args(d_model, num_heads, dim_feedforward, dropout)
@@ -149,6 +179,7 @@ class EncoderLayer(_SublayerMixin, nn.Module):
         self.activation = resolve_activation(activation)
         self.norm_first = norm_first
         self.batch_first = batch_first
+        self.fused_add_norm = fused_add_norm
 
     def forward(
         self,
@@ -160,8 +191,10 @@ class EncoderLayer(_SublayerMixin, nn.Module):
         """Encode ``src``; ``is_causal`` makes the self-attention causal."""
         x = src
         if self.norm_first:
-            x = self._add(x, self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal))
-            x = self._add(x, self._ff_block(self.norm2(x)))
+            x, h = self._add_then_norm(
+                x, self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal), self.norm2
+            )
+            x = self._add(x, self._ff_block(h))
         else:
             x = self._add_norm(x, self._sa_block(x, src_mask, src_key_padding_mask, is_causal), self.norm1)
             x = self._add_norm(x, self._ff_block(x), self.norm2)
@@ -205,6 +238,7 @@ class DecoderLayer(_SublayerMixin, nn.Module):
         num_kv_heads: int | None = None,
         backend: str | None = None,
         bias: bool = True,
+        fused_add_norm: bool = True,
     ) -> None:
         super().__init__()
         _check_layer_args(d_model, num_heads, dim_feedforward, dropout)
@@ -229,6 +263,7 @@ class DecoderLayer(_SublayerMixin, nn.Module):
         self.activation = resolve_activation(activation)
         self.norm_first = norm_first
         self.batch_first = batch_first
+        self.fused_add_norm = fused_add_norm
 
     def forward(
         self,
@@ -260,17 +295,17 @@ class DecoderLayer(_SublayerMixin, nn.Module):
             sa_cache, ca_cache = layer_cache.self_attn, layer_cache.cross_attn
         x = tgt
         if self.norm_first:
-            x = self._add(
+            x, h = self._add_then_norm(
                 x,
                 self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, sa_cache),
+                self.norm2,
             )
-            x = self._add(
+            x, h = self._add_then_norm(
                 x,
-                self._mha_block(
-                    self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal, ca_cache
-                ),
+                self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal, ca_cache),
+                self.norm3,
             )
-            x = self._add(x, self._ff_block(self.norm3(x)))
+            x = self._add(x, self._ff_block(h))
         else:
             x = self._add_norm(
                 x, self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, sa_cache), self.norm1

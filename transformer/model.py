@@ -38,6 +38,7 @@ def _layer_stack(
     num_kv_heads: int | None,
     backend: str | None,
     bias: bool,
+    fused_add_norm: bool,
 ) -> tuple[nn.ModuleList, nn.LayerNorm | None]:
     """``num_layers`` batch-first layers of one class, and the final LayerNorm that pre-norm stacks need."""
     if num_layers < 1:
@@ -55,6 +56,7 @@ def _layer_stack(
             num_kv_heads=num_kv_heads,
             backend=backend,
             bias=bias,
+            fused_add_norm=fused_add_norm,
         )
         for _ in range(num_layers)
     )
@@ -84,6 +86,7 @@ class Encoder(nn.Module):
         num_kv_heads: int | None = None,
         backend: str | None = None,
         bias: bool = True,
+        fused_add_norm: bool = True,
     ) -> None:
         super().__init__()
         self.layers, self.norm = _layer_stack(
@@ -99,6 +102,7 @@ class Encoder(nn.Module):
             num_kv_heads,
             backend,
             bias,
+            fused_add_norm,
         )
 
     def forward(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
@@ -132,6 +136,7 @@ class Decoder(nn.Module):
         num_kv_heads: int | None = None,
         backend: str | None = None,
         bias: bool = True,
+        fused_add_norm: bool = True,
     ) -> None:
         super().__init__()
         self.layers, self.norm = _layer_stack(
@@ -147,6 +152,7 @@ class Decoder(nn.Module):
             num_kv_heads,
             backend,
             bias,
+            fused_add_norm,
         )
 
     def forward(
@@ -225,6 +231,7 @@ class Transformer(nn.Module):
         num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
         pad_id: padding token id (emitted by ``generate`` after EOS).
         backend: attention backend for every layer; None uses the registry default at call time.
+        fused_add_norm: fused residual add + LayerNorm in every layer (``transformer.add_layernorm``).
 
     Shape:
         see the module docstring.
@@ -247,6 +254,7 @@ class Transformer(nn.Module):
         num_kv_heads: int | None = None,
         pad_id: int = 0,
         backend: str | None = None,
+        fused_add_norm: bool = True,
     ) -> None:
         super().__init__()
         if src_vocab_size < 1 or tgt_vocab_size < 1:
@@ -274,6 +282,7 @@ class Transformer(nn.Module):
             "norm_first": norm_first,
             "num_kv_heads": num_kv_heads,
             "backend": backend,
+            "fused_add_norm": fused_add_norm,
         }
         self.encoder = Encoder(num_encoder_layers, **layer_kwargs)
         self.decoder = Decoder(num_decoder_layers, **layer_kwargs)
