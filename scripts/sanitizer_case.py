@@ -62,7 +62,29 @@ def decode_part() -> int:
     return calls
 
 
-PARTS: dict[str, Callable[[], int]] = {"attention": attention_part, "decode": decode_part}
+def layernorm_part() -> int:
+    """The fused residual add + LayerNorm kernels, forward and backward: vector and scalar paths."""
+    from transformer.add_layernorm import add_layernorm
+
+    calls = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, width in ((1, 1), (3, 7), (257, 129), (64, 1024), (7, 8192), (5, 12288)):
+            x, r = (
+                torch.randn(rows, width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2)
+            )
+            w = torch.randn(width, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(width, device="cuda", dtype=dtype, requires_grad=True)
+            y, s = add_layernorm(x, r, w, b, 1e-5)
+            (y.float().sum() + s.float().square().sum()).backward()
+            calls += 1
+    return calls
+
+
+PARTS: dict[str, Callable[[], int]] = {
+    "attention": attention_part,
+    "decode": decode_part,
+    "layernorm": layernorm_part,
+}
 
 
 def main(names: list[str]) -> None:
