@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(Layout<kThreadsPerRow>::kBlock, 1)
           for (int e = 0; e < kVec; ++e) {
             const float xh = (to_float(sp.v[e]) - mu) * rs;
             const float d = to_float(dyp.v[e]);
-            const float gj = d * w[it][e];
+            const float gj = __fmul_rn(d, w[it][e]);  // rounded, never fused into the g - mean(g) below
             xhat[it][e] = xh;
             g[it][e] = gj;
             sum_g += gj;
@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(Layout<kThreadsPerRow>::kBlock, 1)
       const float c_gx = sums.y * inv_width;
       for (int64_t j = tid; j < width; j += kThreadsPerRow) {
         const float xh = (to_float(s[j]) - mu) * rs;
-        const float gj = to_float(dy[j]) * to_float(weight[j]);
+        const float gj = __fmul_rn(to_float(dy[j]), to_float(weight[j]));  // see the vector path
         float v = rs * (gj - c_g - xh * c_gx);
         if (ds_all != nullptr) v += to_float(ds_all[row * width + j]);
         dx[j] = from_float<T>(v);
