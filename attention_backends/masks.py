@@ -25,6 +25,30 @@ def causal_allowed(len_q: int, len_k: int, device: torch.device | str | None = N
     return cols <= rows + (len_k - len_q)
 
 
+def lengths_to_masks(
+    seqlens_k: Tensor, len_q: int, len_k: int, *, is_causal: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-sequence key lengths as masks, for backends without native ``seqlens_k``.
+
+    Sequence b has the keys ``0 .. seqlens_k[b] - 1`` (lengths clamped into [0, Nk]); with ``is_causal`` its
+    queries align bottom-right to its own length: query i sees key j iff j <= i + seqlens_k[b] - Nq.
+
+    Shape:
+        seqlens_k: (B,) integer.
+        returns key padding (B, Nk) bool (True = ignore) and, with ``is_causal``, the per-sequence causal
+        mask (B, 1, Nq, Nk) bool (True = not allowed), else None.
+    """
+    lengths = seqlens_k.long().clamp(0, len_k)  # (B,)
+    keys = torch.arange(len_k, device=seqlens_k.device)  # (Nk,)
+    padding = keys[None, :] >= lengths[:, None]  # (B, Nk)
+    if not is_causal:
+        return padding, None
+    rows = torch.arange(len_q, device=seqlens_k.device)  # (Nq,)
+    limit = rows[None, :, None] + (lengths[:, None, None] - len_q)  # (B, Nq, 1)
+    hidden = keys[None, None, :] > limit  # (B, Nq, Nk)
+    return padding, hidden[:, None]
+
+
 @dataclass(frozen=True)
 class MergedMask:
     """Every mask of a call folded into at most one bool and one float tensor.

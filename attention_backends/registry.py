@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .masks import lengths_to_masks
 from .support import AttentionCall, BackendSupport
 
 
@@ -183,6 +184,7 @@ def _check_inputs(
     key_padding_mask: Tensor | None,
     attn_mask: Tensor | None,
     dropout_p: float,
+    seqlens_k: Tensor | None = None,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -249,6 +251,19 @@ def _check_inputs(
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: expected dropout_p in [0, 1), got {dropout_p}")
+    if seqlens_k is not None:
+        if not isinstance(seqlens_k, Tensor):
+            raise TypeError(f"attention: expected seqlens_k to be a Tensor, got {type(seqlens_k).__name__}")
+        if seqlens_k.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"attention: expected seqlens_k to be int32 or int64, got {seqlens_k.dtype}")
+        if seqlens_k.shape != (q.shape[0],):
+            raise ValueError(
+                f"attention: expected seqlens_k of shape (B,) = ({q.shape[0]},), got {tuple(seqlens_k.shape)}"
+            )
+        if seqlens_k.device != q.device:
+            raise ValueError(
+                f"attention: expected seqlens_k on q's device {q.device}, got {seqlens_k.device}"
+            )
 
 
 def attention(
@@ -262,6 +277,7 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     need_weights: bool = False,
+    seqlens_k: Tensor | None = None,
     backend: str | None = None,
     strict: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -274,11 +290,14 @@ def attention(
         returns out (B, Hq, Nq, D) and, when ``need_weights``, weights (B, Hq, Nq, Nk), else None.
 
     ``is_causal`` is bottom-right aligned (query i sees key j iff j <= i + Nk - Nq), as KV-cache decoding
-    needs. ``scale`` defaults to D ** -0.5. ``backend`` defaults to the current default (``use_backend``);
+    needs. ``seqlens_k`` (B,) int32/int64 gives each sequence its own number of keys (a KV cache filled to
+    different lengths; values are clamped into [0, Nk]): sequence b sees keys ``0 .. seqlens_k[b] - 1`` and
+    ``is_causal`` aligns to its own length (j <= i + seqlens_k[b] - Nq). Backends declaring it take it
+    natively (flash); for the others it becomes a key padding mask and a per-sequence causal mask. ``scale`` defaults to D ** -0.5. ``backend`` defaults to the current default (``use_backend``);
     a call the backend can't serve falls back along its chain with a warning, or raises
     ``BackendUnsupportedError`` when strict. A query row whose keys are all masked gives 0.
     """
-    _check_inputs(q, k, v, key_padding_mask, attn_mask, dropout_p)
+    _check_inputs(q, k, v, key_padding_mask, attn_mask, dropout_p, seqlens_k)
     call = AttentionCall(
         device=q.device.type,
         dtype=q.dtype,
@@ -289,11 +308,20 @@ def attention(
         is_causal=is_causal,
         dropout=dropout_p > 0.0,
         need_weights=need_weights,
+        has_seqlens_k=seqlens_k is not None,
     )
     chosen = resolve_backend(call, backend, strict)
     _LAST_USED[0] = chosen.name
     for counter in _TRACKERS:
         counter[chosen.name] += 1
+    extra = {}
+    if seqlens_k is not None:
+        if chosen.support.seqlens_k:
+            extra["seqlens_k"] = seqlens_k
+        else:
+            key_padding_mask, attn_mask, is_causal = _lengths_as_masks(
+                seqlens_k, q.shape[2], k.shape[2], key_padding_mask, attn_mask, is_causal
+            )
     return chosen.fn(
         q,
         k,
@@ -304,4 +332,27 @@ def attention(
         dropout_p=dropout_p,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         need_weights=need_weights,
+        **extra,
     )
+
+
+def _lengths_as_masks(
+    seqlens_k: Tensor,
+    len_q: int,
+    len_k: int,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor | None, bool]:
+    """``seqlens_k`` folded into the key padding mask and, when causal, into ``attn_mask`` (then no is_causal)."""
+    padding, hidden = lengths_to_masks(seqlens_k, len_q, len_k, is_causal=is_causal)
+    key_padding_mask = padding if key_padding_mask is None else key_padding_mask | padding
+    if hidden is None:
+        return key_padding_mask, attn_mask, is_causal
+    if attn_mask is None:
+        attn_mask = hidden  # (B, 1, Nq, Nk)
+    elif attn_mask.dtype == torch.bool:
+        attn_mask = attn_mask | hidden
+    else:
+        attn_mask = torch.where(hidden, float("-inf"), attn_mask)
+    return key_padding_mask, attn_mask, False

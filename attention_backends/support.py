@@ -23,6 +23,7 @@ class AttentionCall:
     is_causal: bool
     dropout: bool
     need_weights: bool
+    has_seqlens_k: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class BackendSupport:
         dropout: ``dropout_p > 0``.
         need_weights: returns the attention weights.
         grouped_query: Hq a multiple of Hkv > 1.
+        seqlens_k: takes per-sequence key lengths natively; without it the registry turns ``seqlens_k``
+            into a key padding mask (and, with ``is_causal``, a per-sequence causal ``attn_mask``).
         available: returns why the backend can't run on this machine now, or None when it can.
     """
 
@@ -51,6 +54,7 @@ class BackendSupport:
     dropout: bool = True
     need_weights: bool = True
     grouped_query: bool = True
+    seqlens_k: bool = False
     available: Callable[[], str | None] | None = None
     device_available: Callable[[str], str | None] | None = None
 
@@ -95,4 +99,9 @@ class BackendSupport:
         ):
             if wanted and not supported:
                 return f"{what} is not supported"
+        if call.has_seqlens_k and not self.seqlens_k:
+            if not self.key_padding_mask:
+                return "seqlens_k is not supported (as a mask it needs key_padding_mask)"
+            if call.is_causal and not self.attn_mask:
+                return "seqlens_k with is_causal is not supported (as a mask it needs attn_mask)"
         return None

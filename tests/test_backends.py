@@ -134,3 +134,71 @@ def test_non_contiguous_inputs():
     for backend in BACKENDS:
         out, _ = attention(q, k, v, backend=backend, is_causal=True, strict=True)
         assert relative_error(out, ref) <= 1e-5, backend
+
+
+@pytest.mark.parametrize("with_padding", [False, True], ids=["lengths", "lengths+padding"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seqlens_k_matches_per_sequence_slices(backend, causal, with_padding):
+    """Sequence b sees keys 0 .. seqlens_k[b] - 1, causal aligned to its own length; 0 keys gives 0.
+
+    The reference runs each sequence alone on its sliced keys; forward, gradients and (naive, flash)
+    the returned weights. flash takes the lengths natively, naive and sdpa as masks.
+    """
+    if backend == "flash" and extension_error() is not None:
+        pytest.skip("the flash extension is not built")
+    gen = torch.Generator().manual_seed(7 + causal + 2 * with_padding)
+    batch, heads_q, heads_kv, len_q, len_k, head_dim = 4, 4, 2, 5, 33, 16
+    q, k, v = (
+        torch.randn(batch, h, n, head_dim, generator=gen, dtype=torch.float64).requires_grad_(True)
+        for h, n in ((heads_q, len_q), (heads_kv, len_k), (heads_kv, len_k))
+    )
+    lengths = torch.tensor([0, 3, 20, len_k], dtype=torch.int32)  # 3 < Nq: causal rows without keys
+    pad = (torch.rand(batch, len_k, generator=gen) < 0.2) if with_padding else None
+    weights_wanted = backend != "sdpa"
+    out, weights = attention(
+        q,
+        k,
+        v,
+        key_padding_mask=pad,
+        seqlens_k=lengths,
+        is_causal=causal,
+        need_weights=weights_wanted,
+        backend=backend,
+        strict=True,
+    )
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for b in range(1, batch):
+        n = int(lengths[b])
+        sliced = [t.detach()[b : b + 1].clone().requires_grad_(True) for t in (q, k, v)]
+        sliced[1], sliced[2] = (t[:, :, :n].detach().clone().requires_grad_(True) for t in sliced[1:])
+        pad_b = None if pad is None else pad[b : b + 1, :n]
+        ref, ref_weights = reference_attention(*sliced, key_padding_mask=pad_b, is_causal=causal)
+        ref_grads = torch.autograd.grad(ref, sliced, grad_out[b : b + 1])
+        assert relative_error(out[b : b + 1], ref) < 1e-10
+        assert relative_error(grads[0][b : b + 1], ref_grads[0]) < 1e-10
+        for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+            assert relative_error(got[b : b + 1, :, :n], want) < 1e-10
+            assert torch.equal(got[b, :, n:], torch.zeros_like(got[b, :, n:]))  # keys past the length
+        if weights_wanted:
+            # flash recomputes the weights from its float32 log-sum-exp: float32 accuracy.
+            assert relative_error(weights[b : b + 1, :, :, :n], ref_weights) < 1e-6
+            assert torch.equal(weights[b, :, :, n:], torch.zeros_like(weights[b, :, :, n:]))
+
+
+@pytest.mark.parametrize(
+    ("lengths", "error", "match"),
+    [
+        (torch.tensor([1.0, 2.0]), TypeError, "seqlens_k to be int32 or int64"),
+        (torch.tensor([1, 2, 3]), ValueError, r"seqlens_k of shape \(B,\)"),
+        (torch.tensor([[1, 2]]), ValueError, r"seqlens_k of shape \(B,\)"),
+        (torch.tensor([1, 2], device="meta"), ValueError, "seqlens_k on q's device"),
+        ([1, 2], TypeError, "seqlens_k to be a Tensor"),
+    ],
+)
+def test_seqlens_k_bad_inputs(lengths, error, match):
+    q = torch.randn(2, 2, 3, 8)
+    with pytest.raises(error, match=match):
+        attention(q, q, q, seqlens_k=lengths)

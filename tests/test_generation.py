@@ -163,26 +163,24 @@ def test_generate_rejects_bad_sampling_arguments():
         model.generate(src, 3, BOS, EOS, mask, temperature=1.0, top_k=0)
 
 
-RAGGED_CASES = [(backend, n) for backend in BACKENDS for n in (1, 2) if not (backend == "flash" and n > 1)]
-
-
-@pytest.mark.parametrize(("backend", "n"), RAGGED_CASES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_sequence_lengths_in_the_cache(backend, n):
     """Sequences at different cached lengths: each attends to exactly its own filled prefix.
 
-    One new position needs only a key padding mask; several need the explicit causal mask that the
-    cache builds (which flash, taking no attn_mask, would refuse in strict mode).
+    The cache hands attention the filled lengths as ``seqlens_k``: flash takes them natively, the other
+    backends as a key padding mask plus a per-sequence causal mask; every backend serves it in strict mode.
     """
     torch.manual_seed(0)
     mha = MultiHeadAttention(16, 4, batch_first=True, num_kv_heads=2).eval()
     lengths = torch.tensor([3, 1, 4])
-    x = torch.randn(3, 6, 16)
+    x = torch.randn(3, 7, 16)
     ragged = KVCache(1, 3, max_len=8, lengths=lengths)
     assert ragged.uniform_length is None
     # Write each sequence's prefix keys/values straight into the buffers.
     with use_backend(backend, strict=True), torch.no_grad():
         _, k, v = mha._project(x, x, x)
-        k = rearrange(k, "n s (h d) -> n h s d", h=2)  # (3, 2, 6, 4)
+        k = rearrange(k, "n s (h d) -> n h s d", h=2)  # (3, 2, 7, 4)
         v = rearrange(v, "n s (h d) -> n h s d", h=2)
         ragged.k[0] = torch.full((3, 2, 8, 4), 1e3)  # garbage in the unfilled slots
         ragged.v[0] = torch.full((3, 2, 8, 4), 1e3)

@@ -279,9 +279,9 @@ class MultiHeadAttention(nn.Module):
         """Attention against cached keys/values.
 
         The self-attention cache receives the keys/values of the new positions and returns all the
-        filled ones; the query positions are the last ``L`` of the ``Nk`` keys, so bottom-right causal
-        masking is exact for sequences of one length, and the cache supplies a key padding mask (and
-        for several new positions an explicit mask) when the per-sequence lengths differ. For
+        filled ones; the query positions are the last ``L`` of each sequence's keys, so bottom-right causal
+        masking is exact; when the per-sequence lengths differ the cache supplies them as ``seqlens_k``
+        (served natively by flash, as masks by the other backends). For
         cross-attention ``key``/``value`` are projected on the first call only.
 
         Shape::
@@ -309,19 +309,13 @@ class MultiHeadAttention(nn.Module):
             cached = kv_cache.update(None, None)
         q = rearrange(q, "n l (h d) -> n h l d", h=self.num_heads)  # (N, H, L, Dh)
 
-        masks = [m for m in (key_padding_mask, cached.key_padding_mask) if m is not None]
-        merged = None if not masks else masks[0] if len(masks) == 1 else masks[0] | masks[1]
-        attn_mask = cached.attn_mask
-        causal = bool(is_causal) and attn_mask is None
-        if attn_mask is not None and not is_causal:
-            attn_mask = None  # the cache's mask is the causal one: not wanted here
         out, weights = attention(
             q,
             cached.k,
             cached.v,
-            key_padding_mask=merged,
-            attn_mask=attn_mask,
-            is_causal=causal,
+            key_padding_mask=key_padding_mask,
+            seqlens_k=cached.seqlens_k,  # sequences filled to different lengths: each sees its own
+            is_causal=bool(is_causal),
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
             backend=self.backend,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 from torch import Tensor
 
 __all__ = ["CachedKeys", "CrossAttentionCache", "KVCache", "LayerKVCache", "SelfAttentionCache"]
@@ -34,16 +34,14 @@ class CachedKeys:
 
     Shape::
 
-        k, v              (B, Hkv, Nk, D)
-        key_padding_mask  (B, Nk) bool, True = ignore; None when every key is valid
-        attn_mask         (B, 1, Nq, Nk) bool, True = not allowed; None when bottom-right causal
-                          alignment (``is_causal``) is already right for every sequence
+        k, v       (B, Hkv, Nk, D)
+        seqlens_k  (B,) int32, the filled length of each sequence after the append; None when every
+                   sequence has all Nk keys (then bottom-right ``is_causal`` is already right for each)
     """
 
     k: Tensor
     v: Tensor
-    key_padding_mask: Tensor | None = None
-    attn_mask: Tensor | None = None
+    seqlens_k: Tensor | None = None
 
 
 class KVCache:
@@ -146,14 +144,9 @@ class KVCache:
         index_4d = repeat(positions, "b n -> b h n d", h=heads, d=dim)
         k_buf.scatter_(2, index_4d, k_new)
         v_buf.scatter_(2, index_4d, v_new)
-        keys = torch.arange(total, device=k_new.device)  # (Nk,)
-        key_padding_mask = keys[None, :] >= new_lengths[:, None]  # (B, Nk)
-        attn_mask = None
-        if n > 1:
-            # Query i of sequence b sits at position lengths[b] + i and sees keys up to there.
-            limit = rearrange(positions, "b n -> b 1 n 1")
-            attn_mask = keys[None, None, None, :] > limit  # (B, 1, n, Nk)
-        return CachedKeys(k_buf[:, :, :total], v_buf[:, :, :total], key_padding_mask, attn_mask)
+        # Sequence b holds new_lengths[b] keys; its query i sits at position lengths[b] + i, which is
+        # attention's per-sequence bottom-right causal alignment (j <= i + seqlens_k[b] - n).
+        return CachedKeys(k_buf[:, :, :total], v_buf[:, :, :total], new_lengths.to(torch.int32))
 
 
 class SelfAttentionCache:
