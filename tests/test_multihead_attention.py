@@ -390,3 +390,21 @@ def test_matches_torch_on_cuda(backend, dtype):
     )
     got, _ = ours(x, x, x, is_causal=True, need_weights=False)
     assert_close(got.float(), expected.float(), atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda x: x.long(), TypeError, "query to be floating point"),
+        (lambda x: x.double(), TypeError, "module's dtype"),
+        (lambda x: x.to("meta"), ValueError, "module's device"),
+        (lambda x: x.tolist(), TypeError, "query to be a Tensor"),
+    ],
+)
+def test_input_type_dtype_and_device_are_named(change, error, match):
+    from transformer import MultiHeadAttention
+
+    mha = MultiHeadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(error, match=match):
+        mha(change(x), x, x)

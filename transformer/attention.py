@@ -23,6 +23,33 @@ from .kv_cache import CachedKeys, CrossAttentionCache, SelfAttentionCache
 __all__ = ["MultiHeadAttention"]
 
 
+def check_input_tensors(module: torch.nn.Module, **inputs: Tensor | None) -> None:
+    """Named errors for inputs the projections would reject with an anonymous matmul error.
+
+    Each input must be a floating-point tensor on the parameters' device and, outside autocast, of the
+    parameters' dtype (TypeError for a dtype, ValueError for a device).
+    """
+    param = next(module.parameters())
+    for name, t in inputs.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{type(module).__name__}: expected {name} to be a Tensor, got {type(t).__name__}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{type(module).__name__}: expected {name} to be floating point, got {t.dtype}")
+        if t.device != param.device:
+            raise ValueError(
+                f"{type(module).__name__}: expected {name} on the module's device {param.device}, got {t.device}"
+            )
+        if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(
+                f"{type(module).__name__}: expected {name} to have the module's dtype {param.dtype}, "
+                f"got {t.dtype}"
+            )
+
+
 class MultiHeadAttention(nn.Module):
     """Drop-in replacement for ``torch.nn.MultiheadAttention`` with pluggable attention backends.
 
@@ -211,6 +238,7 @@ class MultiHeadAttention(nn.Module):
             ``(attn_output, attn_weights)``; ``attn_weights`` is None unless ``need_weights``. A query
             whose keys are all masked gets zero output and weights (torch's module gives NaN there).
         """
+        check_input_tensors(self, query=query, key=key, value=value)
         is_batched = query.dim() == 3
         self._check_inputs(query, key, value, is_batched)
         if kv_cache is not None:
@@ -324,7 +352,7 @@ class MultiHeadAttention(nn.Module):
         return out, weights if need_weights else None
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool) -> None:
-        """Raise ValueError on inputs of the wrong rank or width."""
+        """Raise ValueError on inputs of the wrong rank or width (types, dtypes, devices: ``check_input_tensors``)."""
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got {query.dim()}-D")
         if key.dim() != query.dim() or value.dim() != query.dim():

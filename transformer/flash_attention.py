@@ -8,8 +8,6 @@ with a one-time warning, or raises when ``strict``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -50,33 +48,6 @@ def flash_attention_cuda(
     )
 
 
-def _check_module_inputs(module: torch.nn.Module, **inputs: Tensor | None) -> None:
-    """Named errors for inputs the projections would reject with an anonymous matmul error.
-
-    Each input must be a floating-point tensor on the parameters' device and, outside autocast, of the
-    parameters' dtype (TypeError for a dtype, ValueError for a device).
-    """
-    param = next(module.parameters())
-    for name, t in inputs.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"{type(module).__name__}: expected {name} to be a Tensor, got {type(t).__name__}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{type(module).__name__}: expected {name} to be floating point, got {t.dtype}")
-        if t.device != param.device:
-            raise ValueError(
-                f"{type(module).__name__}: expected {name} on the module's device {param.device}, got {t.device}"
-            )
-        if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
-            raise TypeError(
-                f"{type(module).__name__}: expected {name} to have the module's dtype {param.dtype}, "
-                f"got {t.dtype}"
-            )
-
-
 class CUDAMultiHeadAttention(MultiHeadAttention):
     """``torch.nn.MultiheadAttention`` drop-in on the flash kernels, batch-first.
 
@@ -108,11 +79,6 @@ class CUDAMultiHeadAttention(MultiHeadAttention):
             backend="flash",
             num_kv_heads=num_kv_heads,
         )
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
-        """``MultiHeadAttention.forward`` after checking the inputs' dtype and device by name."""
-        _check_module_inputs(self, query=query, key=key, value=value)
-        return super().forward(query, key, value, *args, **kwargs)
 
 
 class FlashAttention(CUDAMultiHeadAttention):
