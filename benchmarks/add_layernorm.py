@@ -18,7 +18,6 @@ for both implementations, so it is an effective bandwidth and the speed-up is th
 from __future__ import annotations
 
 import csv
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from torch.utils import benchmark
 
 from transformer.add_layernorm import add_layernorm, fused_kernels_available
 
+from .attention import device_name
 from .report import markdown
 
 __all__ = [
@@ -217,20 +217,6 @@ def run(cfg: AddLnConfig) -> list[AddLnRow]:
 
 
 # ---------------------------------------------------------------------------------------- output
-
-
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU model and the number of threads torch uses."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def describe(cfg: AddLnConfig) -> str:

@@ -1,9 +1,11 @@
-// Input checks of the fused residual add + LayerNorm ops, shared by the CPU and CUDA implementations.
+// Input checks and output allocation of the fused residual add + LayerNorm ops, shared by the CPU and
+// CUDA implementations.
 // Messages name the op, the argument and what was expected (FLASH_CHECK_VALUE -> ValueError,
 // FLASH_CHECK_TYPE -> TypeError), and every check runs before any output is allocated.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <cstdint>
@@ -107,6 +109,59 @@ inline AddLnShape check_add_layernorm_bwd_inputs(const at::Tensor& dy, const std
   addln_check_stat(op, "rstd", rstd, s);
   addln_check_param(op, "weight", weight, "s", s);
   return addln_shape(s);
+}
+
+// The forward's contiguous inputs and its outputs, allocated (and poisoned) the same way on every device.
+struct AddLnFwdTensors {
+  at::Tensor x, residual, weight;
+  std::optional<at::Tensor> bias;
+  at::Tensor y, s, mean, rstd;  // y, s like x; mean, rstd (x.shape[:-1]) float32
+};
+
+inline AddLnFwdTensors prepare_add_layernorm_fwd(const at::Tensor& x, const at::Tensor& residual,
+                                                 const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias) {
+  AddLnFwdTensors t;
+  t.x = x.contiguous();
+  t.residual = residual.contiguous();
+  t.weight = weight.contiguous();
+  if (bias.has_value()) t.bias = bias->contiguous();
+  t.y = at::empty(t.x.sizes(), t.x.options());
+  t.s = at::empty(t.x.sizes(), t.x.options());
+  const auto stat_sizes = t.x.sizes().slice(0, t.x.dim() - 1);
+  t.mean = at::empty(stat_sizes, t.x.options().dtype(at::kFloat));
+  t.rstd = at::empty(stat_sizes, t.x.options().dtype(at::kFloat));
+  poison({&t.y, &t.s, &t.mean, &t.rstd});
+  return t;
+}
+
+// The backward's contiguous inputs and its outputs; with no rows, dweight and dbias are already 0.
+struct AddLnBwdTensors {
+  at::Tensor dy, s, mean, rstd, weight;
+  std::optional<at::Tensor> ds;
+  at::Tensor dx, dweight, dbias;  // dx like s; dweight, dbias like weight
+};
+
+inline AddLnBwdTensors prepare_add_layernorm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& ds,
+                                                 const at::Tensor& s, const at::Tensor& mean,
+                                                 const at::Tensor& rstd, const at::Tensor& weight,
+                                                 const AddLnShape& shape) {
+  AddLnBwdTensors t;
+  t.dy = dy.contiguous();
+  t.s = s.contiguous();
+  t.mean = mean.contiguous();
+  t.rstd = rstd.contiguous();
+  t.weight = weight.contiguous();
+  if (ds.has_value()) t.ds = ds->contiguous();
+  t.dx = at::empty(t.s.sizes(), t.s.options());
+  t.dweight = at::empty(t.weight.sizes(), t.weight.options());
+  t.dbias = at::empty(t.weight.sizes(), t.weight.options());
+  poison({&t.dx, &t.dweight, &t.dbias});
+  if (shape.rows == 0) {
+    t.dweight.zero_();
+    t.dbias.zero_();
+  }
+  return t;
 }
 
 // The dtypes with kernels: float32, float16 and bfloat16 (computed in float32) on both devices.

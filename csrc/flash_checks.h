@@ -7,10 +7,27 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 
 namespace flash {
+
+// FLASH_ATTN_POISON=1: outputs (and scratch) start as NaN, so a test can prove that the kernels write
+// every element they return or read. Every op of the extension reads it per call.
+inline bool poison_outputs() {
+  const char* env = std::getenv("FLASH_ATTN_POISON");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// Fill the tensors with NaN when poisoning is on.
+inline void poison(std::initializer_list<at::Tensor*> tensors) {
+  if (!poison_outputs()) return;
+  for (at::Tensor* t : tensors) t->fill_(std::numeric_limits<float>::quiet_NaN());
+}
 
 // Error messages are assembled here as one std::string and handed to TORCH_CHECK_* as a single C string.
 // That keeps integer formatting out of std::ostream inside the extension: on some toolchains the

@@ -327,19 +327,10 @@ class DecoderLayer(_SublayerMixin, nn.Module):
         kv_cache: SelfAttentionCache | None = None,
     ) -> Tensor:
         """Self-attention sublayer output (before the residual add)."""
-        if kv_cache is not None:
-            x = self.self_attn(
-                x,
-                x,
-                x,
-                key_padding_mask=key_padding_mask,
-                need_weights=False,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-                kv_cache=kv_cache,
-            )[0]
-            return self.dropout1(x)
-        masks = self._self_attention_kwargs(self.self_attn, x, attn_mask, is_causal)
+        if kv_cache is not None:  # our MultiHeadAttention (checked by forward): masks as given
+            masks = {"attn_mask": attn_mask, "is_causal": is_causal, "kv_cache": kv_cache}
+        else:
+            masks = self._self_attention_kwargs(self.self_attn, x, attn_mask, is_causal)
         x = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False, **masks)[0]
         return self.dropout1(x)
 

@@ -29,12 +29,6 @@ namespace flash {
 namespace cpu {
 namespace {
 
-// FLASH_ATTN_POISON=1: outputs start as NaN, so a test can prove the kernel writes every element.
-bool poison_outputs() {
-  const char* env = std::getenv("FLASH_ATTN_POISON");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
 template <typename T>
 inline float to_float(T v) {
   return static_cast<float>(v);
@@ -262,26 +256,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd_cpu
     const std::optional<at::Tensor>& bias_in, double eps) {
   const AddLnShape shape = check_add_layernorm_fwd_inputs(x_in, residual_in, weight_in, bias_in, eps);
   check_add_layernorm_dtype(kAddLnFwdOp, "x", x_in);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor residual = residual_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  std::optional<at::Tensor> bias;
-  if (bias_in.has_value()) bias = bias_in->contiguous();
-
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor s = at::empty(x.sizes(), x.options());
-  const auto stat_sizes = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor mean = at::empty(stat_sizes, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty(stat_sizes, x.options().dtype(at::kFloat));
-  if (poison_outputs()) {
-    for (at::Tensor* t : {&y, &s, &mean, &rstd}) t->fill_(std::numeric_limits<float>::quiet_NaN());
+  AddLnFwdTensors t = prepare_add_layernorm_fwd(x_in, residual_in, weight_in, bias_in);
+  if (shape.rows > 0) {
+    dispatch_dtype(t.x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      run_fwd<T>(t.x, t.residual, t.weight, t.bias, t.y, t.s, t.mean, t.rstd, shape, eps);
+    });
   }
-  if (shape.rows == 0) return {y, s, mean, rstd};
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    run_fwd<T>(x, residual, weight, bias, y, s, mean, rstd, shape, eps);
-  });
-  return {y, s, mean, rstd};
+  return {t.y, t.s, t.mean, t.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd_cpu(
@@ -289,30 +271,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd_cpu(
     const at::Tensor& mean_in, const at::Tensor& rstd_in, const at::Tensor& weight_in) {
   const AddLnShape shape = check_add_layernorm_bwd_inputs(dy_in, ds_in, s_in, mean_in, rstd_in, weight_in);
   check_add_layernorm_dtype(kAddLnBwdOp, "s", s_in);
-  const at::Tensor dy = dy_in.contiguous();
-  const at::Tensor s = s_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  std::optional<at::Tensor> ds;
-  if (ds_in.has_value()) ds = ds_in->contiguous();
-
-  at::Tensor dx = at::empty(s.sizes(), s.options());
-  at::Tensor dweight = at::empty(weight.sizes(), weight.options());
-  at::Tensor dbias = at::empty(weight.sizes(), weight.options());
-  if (poison_outputs()) {
-    for (at::Tensor* t : {&dx, &dweight, &dbias}) t->fill_(std::numeric_limits<float>::quiet_NaN());
+  AddLnBwdTensors t = prepare_add_layernorm_bwd(dy_in, ds_in, s_in, mean_in, rstd_in, weight_in, shape);
+  if (shape.rows > 0) {
+    dispatch_dtype(t.s.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      run_bwd<T>(t.dy, t.ds, t.s, t.mean, t.rstd, t.weight, t.dx, t.dweight, t.dbias, shape);
+    });
   }
-  if (shape.rows == 0) {
-    dweight.zero_();
-    dbias.zero_();
-    return {dx, dweight, dbias};
-  }
-  dispatch_dtype(s.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    run_bwd<T>(dy, ds, s, mean, rstd, weight, dx, dweight, dbias, shape);
-  });
-  return {dx, dweight, dbias};
+  return {t.dx, t.dweight, t.dbias};
 }
 
 }  // namespace

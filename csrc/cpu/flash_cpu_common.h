@@ -193,12 +193,6 @@ FLASH_CPU_INLINE uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// True when FLASH_ATTN_POISON=1: outputs are filled with NaN before the kernels run.
-inline bool poison_outputs() {
-  const char* s = std::getenv("FLASH_ATTN_POISON");
-  return s != nullptr && s[0] == '1' && s[1] == '\0';
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Dispatch-side helpers (torch tensors to plain parameters).
 

@@ -21,18 +21,6 @@
 namespace flash {
 namespace {
 
-// FLASH_ATTN_POISON=1: outputs and scratch start as NaN, so a test can prove the kernels write every
-// element they return or read.
-bool poison_outputs() {
-  const char* env = std::getenv("FLASH_ATTN_POISON");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
-void poison(std::initializer_list<at::Tensor*> tensors) {
-  if (!poison_outputs()) return;
-  for (at::Tensor* t : tensors) t->fill_(std::numeric_limits<float>::quiet_NaN());
-}
-
 addln::DType element_type(at::ScalarType dtype) {
   if (dtype == at::kHalf) return addln::DType::kFloat16;
   if (dtype == at::kBFloat16) return addln::DType::kBFloat16;
@@ -53,18 +41,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd_cud
   FLASH_CHECK_VALUE(x_in.is_cuda(), kAddLnFwdOp, ": expected x on a CUDA device, got ", x_in.device());
   c10::cuda::CUDAGuard device_guard(x_in.device());
 
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor residual = residual_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  std::optional<at::Tensor> bias;
-  if (bias_in.has_value()) bias = bias_in->contiguous();
-
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor s = at::empty(x.sizes(), x.options());
-  const auto stat_sizes = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor mean = at::empty(stat_sizes, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty(stat_sizes, x.options().dtype(at::kFloat));
-  poison({&y, &s, &mean, &rstd});
+  AddLnFwdTensors t = prepare_add_layernorm_fwd(x_in, residual_in, weight_in, bias_in);
+  const at::Tensor &x = t.x, &residual = t.residual, &weight = t.weight;
+  const std::optional<at::Tensor>& bias = t.bias;
+  at::Tensor &y = t.y, &s = t.s, &mean = t.mean, &rstd = t.rstd;
   if (shape.rows == 0) return {y, s, mean, rstd};
 
   addln::FwdParams p{};
@@ -94,23 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd_cuda(
   FLASH_CHECK_VALUE(s_in.is_cuda(), kAddLnBwdOp, ": expected s on a CUDA device, got ", s_in.device());
   c10::cuda::CUDAGuard device_guard(s_in.device());
 
-  const at::Tensor dy = dy_in.contiguous();
-  const at::Tensor s = s_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  std::optional<at::Tensor> ds;
-  if (ds_in.has_value()) ds = ds_in->contiguous();
-
-  at::Tensor dx = at::empty(s.sizes(), s.options());
-  at::Tensor dweight = at::empty(weight.sizes(), weight.options());
-  at::Tensor dbias = at::empty(weight.sizes(), weight.options());
-  poison({&dx, &dweight, &dbias});
-  if (shape.rows == 0) {
-    dweight.zero_();
-    dbias.zero_();
-    return {dx, dweight, dbias};
-  }
+  AddLnBwdTensors t = prepare_add_layernorm_bwd(dy_in, ds_in, s_in, mean_in, rstd_in, weight_in, shape);
+  const at::Tensor &dy = t.dy, &s = t.s, &mean = t.mean, &rstd = t.rstd, &weight = t.weight;
+  const std::optional<at::Tensor>& ds = t.ds;
+  at::Tensor &dx = t.dx, &dweight = t.dweight, &dbias = t.dbias;
+  if (shape.rows == 0) return {dx, dweight, dbias};
 
   addln::BwdParams p{};
   p.dtype = element_type(s.scalar_type());

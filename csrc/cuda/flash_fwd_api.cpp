@@ -39,12 +39,6 @@ constexpr int64_t kMinTilesPerSplit = 2;
 constexpr int64_t kOnePassBlockM = FwdConfig<128>::Traits::kBlockM;  // query rows of a one-pass block
 constexpr int64_t kSplitBlockM = SplitConfig<128>::Traits::kBlockM;  // packed rows of a split block
 
-// FLASH_ATTN_POISON=1: outputs start as NaN, so a test can prove the kernel writes every element.
-bool poison_outputs() {
-  const char* env = std::getenv("FLASH_ATTN_POISON");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
 // The kernel copies 16-byte chunks: the base pointer and every stride it multiplies by a possibly
 // non-zero index (batch, head, row) must be multiples of 8 elements (16 bytes).
 bool is_16b_aligned(const at::Tensor& t) {
