@@ -141,6 +141,14 @@ template <>
 struct BwdVariant<64, 6> {  // variant 0 with staggered query order
   using Traits = BwdTraits<64, 64, 128, 8, 2, 1, 1, 1, false, true>;
 };
+template <>
+struct BwdVariant<64, 7> {  // variant 3 with staggered query order
+  using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2, false, true>;
+};
+template <>
+struct BwdVariant<64, 8> {  // 64x64, 2 warps x 32 keys, S^T in 4 chunks, 3 blocks/SM
+  using Traits = BwdTraits<64, 64, 64, 2, 2, 4, 3, 2>;
+};
 
 // D = 128. dK and dV of 16 keys x 128 dims already hold 128 registers per thread: variant 0 walks
 // a warp's S^T in two chunks of 32 queries.
@@ -163,6 +171,22 @@ struct BwdVariant<128, 3> {  // variant 0 with deferred dQ (sm_90)
 template <>
 struct BwdVariant<128, 4> {  // variant 0 with deferred dQ and staggered query order (sm_90)
   using Traits = BwdTraits<128, 64, 128, 8, 2, 2, 1, 1, true, true>;
+};
+template <>
+struct BwdVariant<128, 5> {  // 32x64, 4 warps x 32 keys x 64 dims, P^T in smem, 2 blocks/SM
+  using Traits = BwdTraits<128, 32, 64, 4, 2, 1, 2, 2>;
+};
+template <>
+struct BwdVariant<128, 6> {  // 48x64, 4 warps x 16 keys, S^T in 3 chunks, 2 blocks/SM
+  using Traits = BwdTraits<128, 48, 64, 4, 1, 3, 2>;
+};
+template <>
+struct BwdVariant<128, 7> {  // 64x64, 4 warps x 32 keys x 64 dims, P^T in smem
+  using Traits = BwdTraits<128, 64, 64, 4, 2, 1, 1, 2>;
+};
+template <>
+struct BwdVariant<128, 8> {  // 32x128, 8 warps x 32 keys x 64 dims, P^T in smem
+  using Traits = BwdTraits<128, 32, 128, 8, 2, 1, 1, 2>;
 };
 
 // D = 256. Variant 0: 8 warps on 4 x 2 (16 keys x 128 dims of dK / dV each), dQ on 1 x 8; it fits
