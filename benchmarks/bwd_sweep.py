@@ -1,7 +1,7 @@
 """The backward tile-variant sweep: which variants exist, the timing grid, and the results (table and CSV).
 
 The variants are the ``BwdVariant<D, v>`` specialisations in csrc/cuda/flash_bwd_traits.h; a build picks one
-per head dim with ``-DFLASH_BWD_VARIANT_HDIM<D>=<v>`` (0 is the default). ``scripts/sweep_bwd.py`` builds each
+per head dim with ``-DFLASH_BWD_VARIANT_HDIM<D>=<v>`` (the defaults are in the header). ``scripts/sweep_bwd.py`` builds each
 variant as its own extension (benchmarks/bwd_sweep_build.py), then checks and times it on the GPU in its own
 process (benchmarks/bwd_sweep_gpu.py). This module holds the parts that need neither a compiler nor a GPU.
 """
@@ -41,6 +41,11 @@ class Variant:
     def define(self) -> str:
         """The nvcc flag that selects this variant."""
         return f"-DFLASH_BWD_VARIANT_HDIM{self.head_dim}={self.index}"
+
+    @property
+    def defines(self) -> list[str]:
+        """The nvcc flags of a sweep build: this variant, and no fallback kernel beside it."""
+        return [self.define, "-DFLASH_BWD_ONE_VARIANT"]
 
     @property
     def source(self) -> Path:

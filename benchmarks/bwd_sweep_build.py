@@ -28,7 +28,7 @@ SM80_FLAGS = ["-gencode=arch=compute_80,code=sm_80"]
 def variant_nvcc_flags(variant: Variant | None) -> list[str]:
     """The extension's nvcc flags for sm_90a only, plus the variant's define."""
     flags = [f for f in _build.nvcc_flags() if not f.startswith("-gencode")] + SM90_FLAGS
-    return flags + ([variant.define] if variant is not None else [])
+    return flags + (variant.defines if variant is not None else [])
 
 
 def extension_sources() -> list[Path]:
@@ -74,7 +74,7 @@ def link_inputs(objects: dict[Path, Path], variant: Variant) -> list[str]:
 
 
 def build_base(build_dir: Path, *, verbose: bool = False) -> Path:
-    """JIT-build the whole extension for sm_90a (variant 0 everywhere); returns the library path."""
+    """JIT-build the whole extension for sm_90a (the default variants); returns the library path."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def compile_only(variant: Variant, out_dir: Path, nvcc: str, archs: tuple[str, .
         nvcc,
         *flags,
         *(gencode[a] for a in archs),
-        variant.define,
+        *variant.defines,
         "-Xptxas",
         "-v",
         *(f"-I{d}" for d in _build.include_dirs()),

@@ -35,12 +35,13 @@ def test_header_declares_variants_per_head_dim():
         mine = [v for v in variants if v.head_dim == head_dim]
         assert len(mine) >= at_least, head_dim
         assert [v.index for v in mine] == list(range(len(mine))), "indices are 0, 1, 2, ..."
-        assert "(default)" in mine[0].label and all(v.label for v in mine)
+        assert "fallback" in mine[0].label and all(v.label for v in mine)
+        assert sum("default" in v.label for v in mine) == 1
         assert mine[0].source.is_file()
     assert len({v.name for v in variants}) == len(variants)
 
 
-def test_variant_zero_is_the_previous_default():
+def test_variant_zero_is_the_fallback_and_the_sweep_winners_are_the_defaults():
     text = sw.TRAITS_HEADER.read_text()
     for head_dim, traits in (
         (64, "BwdTraits<64, 64, 128, 8, 2>"),
@@ -49,8 +50,13 @@ def test_variant_zero_is_the_previous_default():
     ):
         block = re.search(rf"struct BwdVariant<{head_dim}, 0> {{[^\n]*\n\s*using Traits = ([^;]+);", text)
         assert block is not None and block.group(1) == traits
-    for head_dim in (64, 128, 256):
-        assert f"#define FLASH_BWD_VARIANT_HDIM{head_dim} 0" in text
+        assert f"BwdVariant<{head_dim}, 0>::Traits> {{}};" in text  # the fallback of BwdConfig<head_dim>
+    variants = {v.name: v for v in sw.read_variants(text)}
+    for head_dim, default in ((64, 3), (128, 1), (256, 0)):
+        assert f"#define FLASH_BWD_VARIANT_HDIM{head_dim} {default}" in text
+        assert "(default" in variants[f"d{head_dim}v{default}"].label
+    # Variant 0 fits sm_80's shared memory, so every sm_80 / sm_90 device can run the backward.
+    assert not any(variants[f"d{d}v0"].sm90_only for d in (64, 128, 256))
 
 
 def test_read_variants_from_text():

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "../flash_checks.h"
+#include "flash_bwd_traits.h"
 #include "flash_launch.h"
 #include "flash_params.h"
 
@@ -33,6 +34,17 @@ at::Tensor aligned_rows(const at::Tensor& t) {
 }
 
 flash::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The least shared memory per block a backward launch for this head dim needs (flash_bwd_traits.h).
+int bwd_min_smem_bytes(int64_t head_dim) {
+  switch (head_dim) {
+    case 32: return flash::BwdConfig<32>::kMinSmemBytes;
+    case 64: return flash::BwdConfig<64>::kMinSmemBytes;
+    case 96: return flash::BwdConfig<96>::kMinSmemBytes;
+    case 128: return flash::BwdConfig<128>::kMinSmemBytes;
+    default: return flash::BwdConfig<256>::kMinSmemBytes;
+  }
+}
 
 template <typename Element>
 void run_bwd_hdim(const flash::BwdParams& params, int64_t head_dim, cudaStream_t stream) {
@@ -73,6 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
+  int max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, q_in.device().index()));
+  const int need_smem = bwd_min_smem_bytes(s.head_dim);
+  TORCH_CHECK_NOT_IMPLEMENTED(need_smem <= max_smem, kOp, ": the backward for head dim ", s.head_dim, " needs ",
+                              need_smem / 1024, " KB of shared memory per block; this GPU (", q_in.device(),
+                              ") offers ", max_smem / 1024, " KB");
   const auto opts = q_in.options();
   const int64_t B = s.batch, Hq = s.heads_q, Hkv = s.heads_kv, Nq = s.len_q, Nk = s.len_k, D = s.head_dim;
 
@@ -136,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dv = dv_heads.data_ptr();
   p.dq_accum = dq_accum.data_ptr<float>();
   p.softmax_d = softmax_d.data_ptr<float>();
+  p.max_smem_per_block = max_smem;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dtype == at::kHalf) {

@@ -348,9 +348,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
   }
 }
 
+// dK, dV and dq_accum with the tiles Tr.
+template <typename T, typename Tr>
+void launch_bwd_kernel(const BwdParams& params, cudaStream_t stream) {
+  auto kernel = bwd_kernel<T, Tr>;
+  constexpr int kSmem = Tr::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  }
+  const dim3 grid((params.len_k + Tr::kBlockN - 1) / Tr::kBlockN, params.heads_q, params.batch);
+  kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(params);
+}
+
 template <typename T, int kHeadDim>
 void run_bwd(const BwdParams& params, cudaStream_t stream) {
-  using Tr = typename BwdConfig<kHeadDim>::Traits;
+  using Config = BwdConfig<kHeadDim>;
   const int64_t rows = int64_t(params.batch) * params.heads_q * params.len_q;
   if (rows == 0 || params.len_k == 0) return;
 
@@ -362,14 +374,13 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
   bwd_dot_do_o_kernel<T, kHeadDim, kThreadsPerRow, kPreThreads>
       <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kPreThreads, 0, stream>>>(params);
 
-  // dK, dV and dq_accum.
-  auto kernel = bwd_kernel<T, Tr>;
-  constexpr int kSmem = Tr::kSmemBytes;
-  if (kSmem > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  // The default tiles where the device's blocks get enough shared memory, else the fallback (the
+  // API layer has checked that one of them fits).
+  if (Config::Traits::kSmemBytes <= params.max_smem_per_block) {
+    launch_bwd_kernel<T, typename Config::Traits>(params, stream);
+  } else {
+    launch_bwd_kernel<T, typename Config::Fallback>(params, stream);
   }
-  const dim3 grid((params.len_k + Tr::kBlockN - 1) / Tr::kBlockN, params.heads_q, params.batch);
-  kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(params);
 
   // dq = dq_accum * scale in the element type.
   const int64_t n4 = rows * kHeadDim / 4;

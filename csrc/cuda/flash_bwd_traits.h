@@ -27,7 +27,8 @@
 //   sLse, sDsum [2][kBlockM] float   lse and rowsum(dO * O) of the query tile
 //
 // The tile choice per head dim is a list of variants, picked at compile time with
-// -DFLASH_BWD_VARIANT_HDIM64=<v> (and _HDIM128, _HDIM256); variant 0 is the default.
+// -DFLASH_BWD_VARIANT_HDIM64=<v> (and _HDIM128, _HDIM256); the defaults are the sweep's winners on
+// the H200 (docs/perf.md), variant 0 the fallback for devices with less shared memory per block.
 #pragma once
 
 namespace flash {
@@ -106,7 +107,8 @@ struct BwdTraits {
 //   D = 32, 96: 128 keys x 64 queries, 8 warps of 16 keys (P^T, dS^T in registers); dQ on a
 //               2 x 4 warp grid (4 x 2 for D = 32). D = 32 walks a warp's S^T in two chunks of
 //               32 queries, to fit 128 registers and run 2 blocks per SM.
-//   D = 64, 128, 256: variant 0 below is the default; see docs/perf.md for the others.
+//   D = 64, 128, 256: the variants below (default 3, 1, 0; variant 0 is the fallback); see
+//               docs/perf.md for the others and their measurements.
 template <int kHeadDim, int kVariant>
 struct BwdVariant {
   static_assert(kVariant < 0, "no backward tile variant with this number for this head dim");
@@ -114,7 +116,7 @@ struct BwdVariant {
 
 // D = 64. Variant 0: dQ on a 2 x 4 warp grid, P^T and dS^T in registers.
 template <>
-struct BwdVariant<64, 0> {  // 64x128, 8 warps x 16 keys (default)
+struct BwdVariant<64, 0> {  // 64x128, 8 warps x 16 keys (fallback)
   using Traits = BwdTraits<64, 64, 128, 8, 2>;
 };
 template <>
@@ -126,7 +128,7 @@ struct BwdVariant<64, 2> {  // 128x128, 8 warps x 32 keys x 32 dims, P^T in smem
   using Traits = BwdTraits<64, 128, 128, 8, 4, 2, 1, 2>;
 };
 template <>
-struct BwdVariant<64, 3> {  // 64x128, 4 warps x 32 keys, S^T in 4 chunks, 2 blocks/SM
+struct BwdVariant<64, 3> {  // 64x128, 4 warps x 32 keys, S^T in 4 chunks, 2 blocks/SM (default)
   using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2>;
 };
 template <>
@@ -141,23 +143,15 @@ template <>
 struct BwdVariant<64, 6> {  // variant 0 with staggered query order
   using Traits = BwdTraits<64, 64, 128, 8, 2, 1, 1, 1, false, true>;
 };
-template <>
-struct BwdVariant<64, 7> {  // variant 3 with staggered query order
-  using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2, false, true>;
-};
-template <>
-struct BwdVariant<64, 8> {  // 64x64, 2 warps x 32 keys, S^T in 4 chunks, 3 blocks/SM
-  using Traits = BwdTraits<64, 64, 64, 2, 2, 4, 3, 2>;
-};
 
 // D = 128. dK and dV of 16 keys x 128 dims already hold 128 registers per thread: variant 0 walks
 // a warp's S^T in two chunks of 32 queries.
 template <>
-struct BwdVariant<128, 0> {  // 64x128, 8 warps x 16 keys, S^T in 2 chunks (default)
+struct BwdVariant<128, 0> {  // 64x128, 8 warps x 16 keys, S^T in 2 chunks (fallback)
   using Traits = BwdTraits<128, 64, 128, 8, 2, 2>;
 };
 template <>
-struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem (sm_90)
+struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem (sm_90) (default)
   using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2>;
 };
 template <>
@@ -181,18 +175,14 @@ struct BwdVariant<128, 6> {  // 48x64, 4 warps x 16 keys, S^T in 3 chunks, 2 blo
   using Traits = BwdTraits<128, 48, 64, 4, 1, 3, 2>;
 };
 template <>
-struct BwdVariant<128, 7> {  // 64x64, 4 warps x 32 keys x 64 dims, P^T in smem
-  using Traits = BwdTraits<128, 64, 64, 4, 2, 1, 1, 2>;
-};
-template <>
-struct BwdVariant<128, 8> {  // 32x128, 8 warps x 32 keys x 64 dims, P^T in smem
+struct BwdVariant<128, 7> {  // 32x128, 8 warps x 32 keys x 64 dims, P^T in smem
   using Traits = BwdTraits<128, 32, 128, 8, 2, 1, 1, 2>;
 };
 
 // D = 256. Variant 0: 8 warps on 4 x 2 (16 keys x 128 dims of dK / dV each), dQ on 1 x 8; it fits
 // the 163 KB of an sm_80 block. Variants 1 and 2 need 217 KB: sm_90 only.
 template <>
-struct BwdVariant<256, 0> {  // 32x64, 8 warps x 16 keys x 128 dims (default)
+struct BwdVariant<256, 0> {  // 32x64, 8 warps x 16 keys x 128 dims (default, fallback)
   using Traits = BwdTraits<256, 32, 64, 8, 1>;
 };
 template <>
@@ -205,36 +195,46 @@ struct BwdVariant<256, 2> {  // 64x64, 8 warps x 32 keys x 64 dims (sm_90)
 };
 
 #ifndef FLASH_BWD_VARIANT_HDIM64
-#define FLASH_BWD_VARIANT_HDIM64 0
+#define FLASH_BWD_VARIANT_HDIM64 3
 #endif
 #ifndef FLASH_BWD_VARIANT_HDIM128
-#define FLASH_BWD_VARIANT_HDIM128 0
+#define FLASH_BWD_VARIANT_HDIM128 1
 #endif
 #ifndef FLASH_BWD_VARIANT_HDIM256
 #define FLASH_BWD_VARIANT_HDIM256 0
 #endif
 
+// The tiles run_bwd launches per head dim: Traits where the device gives a block enough shared
+// memory (every sm_90), else Fallback (variant 0, which fits sm_80's 163 KB). kMinSmemBytes is what
+// the API layer checks against the device before launching anything. FLASH_BWD_ONE_VARIANT (the
+// sweep's builds, scripts/sweep_bwd.py) drops the fallback: the selected variant is the one kernel
+// that runs and that ptxas reports.
+template <typename Traits_, typename Fallback_ = Traits_>
+struct BwdChoice {
+  using Traits = Traits_;
+#ifdef FLASH_BWD_ONE_VARIANT
+  using Fallback = Traits_;
+#else
+  using Fallback = Fallback_;
+#endif
+  static constexpr int kMinSmemBytes =
+      Traits::kSmemBytes < Fallback::kSmemBytes ? Traits::kSmemBytes : Fallback::kSmemBytes;
+};
+
 template <int kHeadDim>
 struct BwdConfig;
 template <>
-struct BwdConfig<32> {
-  using Traits = BwdTraits<32, 64, 128, 8, 4, 2, 2>;
-};
+struct BwdConfig<32> : BwdChoice<BwdTraits<32, 64, 128, 8, 4, 2, 2>> {};
 template <>
-struct BwdConfig<64> {
-  using Traits = BwdVariant<64, FLASH_BWD_VARIANT_HDIM64>::Traits;
-};
+struct BwdConfig<64>
+    : BwdChoice<BwdVariant<64, FLASH_BWD_VARIANT_HDIM64>::Traits, BwdVariant<64, 0>::Traits> {};
 template <>
-struct BwdConfig<96> {
-  using Traits = BwdTraits<96, 64, 128, 8, 2>;
-};
+struct BwdConfig<96> : BwdChoice<BwdTraits<96, 64, 128, 8, 2>> {};
 template <>
-struct BwdConfig<128> {
-  using Traits = BwdVariant<128, FLASH_BWD_VARIANT_HDIM128>::Traits;
-};
+struct BwdConfig<128>
+    : BwdChoice<BwdVariant<128, FLASH_BWD_VARIANT_HDIM128>::Traits, BwdVariant<128, 0>::Traits> {};
 template <>
-struct BwdConfig<256> {
-  using Traits = BwdVariant<256, FLASH_BWD_VARIANT_HDIM256>::Traits;
-};
+struct BwdConfig<256>
+    : BwdChoice<BwdVariant<256, FLASH_BWD_VARIANT_HDIM256>::Traits, BwdVariant<256, 0>::Traits> {};
 
 }  // namespace flash

@@ -60,6 +60,9 @@ struct BwdParams : FwdParams {
   // float32 (rowsum(dout * out)).
   float* dq_accum;
   float* softmax_d;
+  // Opt-in shared memory per block of the device, in bytes: run_bwd launches the default tiles of
+  // the head dim when they fit, else the fallback (flash_bwd_traits.h, BwdChoice).
+  int max_smem_per_block;
 };
 
 }  // namespace flash
