@@ -2,7 +2,8 @@
 
 Runs every (dtype, head dim, shape, mask) case of tests/test_flash_cuda.py forward and backward, plus the
 long, non-contiguous and seqlens_k cases, without the float64 reference or SDPA, so that the sanitizer
-spends its time on our kernels. Each part can be chosen: ``python scripts/sanitizer_case.py attention``.
+spends its time on our kernels. Each part can be chosen: ``python scripts/sanitizer_case.py attention``;
+``SANITIZER_CASE_TRACE=1`` prints every call before it runs (to find where a run stops).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attention_backends as ab
 from tests.test_flash_cuda import DTYPES, HEAD_DIMS, MASKS, SHAPES, make
 
+TRACE = os.environ.get("SANITIZER_CASE_TRACE") == "1"  # print every call before it runs
+
 
 def run_attention(q, k, v, kwargs) -> None:
+    if TRACE:
+        print(f"call {q.dtype} q {tuple(q.shape)} k {tuple(k.shape)} {sorted(kwargs)}", flush=True)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out, _ = ab.attention(*leaves, backend="flash", strict=True, **kwargs)
     out.float().sum().backward()
