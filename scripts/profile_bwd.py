@@ -4,7 +4,7 @@
         python3 scripts/profile_bwd.py --head-dim 128 --seqlen 4096
 
 B·N = 16k tokens and H·D = 2048 as in the benchmark grid; bf16. Runs twice so that --launch-skip 1 profiles a
-warm launch.
+warm launch. ``--sdpa``: PyTorch's FLASH_ATTENTION kernels instead (``--kernel-name regex:flash_bwd``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--sdpa", action="store_true", help="PyTorch's FLASH_ATTENTION kernels instead of ours")
     args = p.parse_args(argv)
     ab.load_extension()
     n, d = args.seqlen, args.head_dim
@@ -32,8 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = d**-0.5
     for _ in range(2):
-        out, lse = torch.ops.flash_attn.fwd(q, k, v, None, None, scale, args.causal)
-        torch.ops.flash_attn.bwd(dout, q, k, v, out, lse, None, None, scale, args.causal)
+        if args.sdpa:
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(*leaves, is_causal=args.causal, scale=scale)
+            out.backward(dout)
+        else:
+            out, lse = torch.ops.flash_attn.fwd(q, k, v, None, None, scale, args.causal)
+            torch.ops.flash_attn.bwd(dout, q, k, v, out, lse, None, None, scale, args.causal)
     torch.cuda.synchronize()
     print(f"profiled point: B={b} H={h} N={n} D={d} causal={args.causal}")
 
