@@ -58,11 +58,23 @@ if [[ " $stages " == *" sanitize "* ]]; then
   # tools at once (spread over the GPUs when there are several).
   # SANITIZE_GPUS="1" keeps them off GPU 0 (e.g. while GPU 0 runs the tests).
   read -r -a gpu_list <<< "${SANITIZE_GPUS:-$(seq -s ' ' 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}"
+  # racecheck's host memory grows with every launch (55 GB over the attention part, 68 GB over one split
+  # count of the decode part): it runs the parts one process at a time; memcheck and synccheck (1 GB) run
+  # them all in one process.
+  racecheck_parts="attention decode:3:float16 decode:3:bfloat16 decode:64:float16 decode:64:bfloat16 layernorm"
   i=0
   for tool in memcheck racecheck synccheck; do
-    ( CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]} timeout "${SANITIZE_TIMEOUT:-420}" compute-sanitizer --tool $tool --error-exitcode 9 \
-        python3 scripts/sanitizer_case.py > "/tmp/sanitize_$tool.log" 2>&1
-      echo "compute-sanitizer $tool (scripts/sanitizer_case.py): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_$tool.log" | tail -1) $(grep -E '^sanitizer case [a-z]' "/tmp/sanitize_$tool.log" | tr '\n' ' ')" > "/tmp/sanitize_$tool.note" ) &
+    ( export CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]}
+      : > "/tmp/sanitize_$tool.log"; : > "/tmp/sanitize_$tool.note"
+      if [ $tool = racecheck ]; then groups=$racecheck_parts; else groups=all; fi
+      for group in $groups; do
+        parts=$group; [ "$group" = all ] && parts=""
+        timeout "${SANITIZE_TIMEOUT:-420}" compute-sanitizer --tool $tool --error-exitcode 9 \
+          python3 scripts/sanitizer_case.py $parts > "/tmp/sanitize_${tool}_part.log" 2>&1
+        rc=$?
+        cat "/tmp/sanitize_${tool}_part.log" >> "/tmp/sanitize_$tool.log"
+        echo "compute-sanitizer $tool (scripts/sanitizer_case.py $parts): rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "/tmp/sanitize_${tool}_part.log" | tail -1) $(grep -E '^sanitizer case [a-z]' "/tmp/sanitize_${tool}_part.log" | tr '\n' ' ')" >> "/tmp/sanitize_$tool.note"
+      done ) &
     i=$(( i + 1 ))
   done
   wait
