@@ -18,6 +18,7 @@
 
 #include "../flash_checks.h"
 #include "flash_bwd_traits.h"
+#include "flash_device_checks.h"
 #include "flash_launch.h"
 #include "flash_params.h"
 
@@ -85,12 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
-  int max_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, q_in.device().index()));
-  const int need_smem = bwd_min_smem_bytes(s.head_dim);
-  TORCH_CHECK_NOT_IMPLEMENTED(need_smem <= max_smem, kOp, ": the backward for head dim ", s.head_dim, " needs ",
-                              need_smem / 1024, " KB of shared memory per block; this GPU (", q_in.device(),
-                              ") offers ", max_smem / 1024, " KB");
+  const int max_smem = flash::max_smem_per_block(q_in.device());
+  flash::check_smem_fits(kOp, s.head_dim, bwd_min_smem_bytes(s.head_dim), q_in.device(), max_smem);
   const auto opts = q_in.options();
   const int64_t B = s.batch, Hq = s.heads_q, Hkv = s.heads_kv, Nq = s.len_q, Nk = s.len_k, D = s.head_dim;
 

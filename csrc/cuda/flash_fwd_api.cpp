@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "../flash_checks.h"
+#include "flash_device_checks.h"
 #include "flash_launch.h"
 #include "flash_params.h"
 #include "kernel_traits.h"
@@ -120,6 +121,18 @@ int split_blocks_per_sm_of(int64_t head_dim) {
   }
 }
 
+// Shared memory per block of the one-pass and the split-KV forward kernels for this head dim.
+template <template <int> class Config>
+int smem_bytes_of(int64_t head_dim) {
+  switch (head_dim) {
+    case 32: return Config<32>::Traits::kSmemBytes;
+    case 64: return Config<64>::Traits::kSmemBytes;
+    case 96: return Config<96>::Traits::kSmemBytes;
+    case 128: return Config<128>::Traits::kSmemBytes;
+    default: return Config<256>::Traits::kSmemBytes;
+  }
+}
+
 // What the heuristic needs of the device: its SM count and how many split-kernel blocks an SM holds.
 struct SplitDeviceInfo {
   int num_sms;
@@ -200,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   const int forced_splits = forced_num_splits();
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
+  const int max_smem = max_smem_per_block(q_in.device());
 
   at::Tensor out = at::empty({s.batch, s.heads_q, s.len_q, D}, q_in.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q_in.options().dtype(at::kFloat));
@@ -224,6 +238,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
     const SplitDeviceInfo info = split_device_info(q_in.get_device(), dtype, D);
     num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm);
   }
+  // The split kernel where the device gives its blocks enough shared memory (sm_86 / sm_89 give 99 KB),
+  // else the one-pass kernel; a forced split count is kept and checked.
+  const int split_smem = smem_bytes_of<SplitConfig>(D);
+  if (num_splits > 1 && forced_splits == 0 && split_smem > max_smem) num_splits = 1;
+  check_smem_fits(kOp, D, num_splits > 1 ? split_smem : smem_bytes_of<FwdConfig>(D), q_in.device(), max_smem);
   FLASH_CHECK_VALUE(num_splits == 1 || split_blocks_per_split(s) <= kIntMax / num_splits, kOp,
                     ": FLASH_ATTN_NUM_SPLITS = ", num_splits, " makes more than 2^31 - 1 blocks for q ",
                     q_in.sizes(), " and k ", k_in.sizes());

@@ -387,7 +387,11 @@ int fwd_split_blocks_per_sm() {
   using Traits = typename SplitConfig<HeadDim>::Traits;
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &flash_fwd_split_kernel<Traits, Element, false, false>;
-  if (kSmem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (kSmem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
+    (void)cudaGetLastError();  // more shared memory than the device gives a block: the API keeps one pass
+    return 1;
+  }
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Traits::kNThreads, kSmem) != cudaSuccess) {
     (void)cudaGetLastError();  // clear it: the caller's launch check must not see this

@@ -1,0 +1,31 @@
+// Device-dependent input checks of the CUDA API layer (torch headers; not included by the kernels).
+#pragma once
+
+#include <c10/core/Device.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace flash {
+
+// Opt-in shared memory per block of `device`, in bytes (227 KB on sm_90, 163 KB on sm_80, 99 KB on
+// sm_86 / sm_89).
+inline int max_smem_per_block(const c10::Device& device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  return bytes;
+}
+
+// NotImplementedError, before any launch, when the kernels of `op` for this head dim need more shared
+// memory per block than the device offers.
+inline void check_smem_fits(const char* op, int64_t head_dim, int need_bytes, const c10::Device& device,
+                            int have_bytes) {
+  TORCH_CHECK_NOT_IMPLEMENTED(need_bytes <= have_bytes, op, ": head dim ", head_dim, " needs ", need_bytes / 1024,
+                              " KB of shared memory per block; this GPU (", device, ") offers ",
+                              have_bytes / 1024, " KB");
+}
+
+}  // namespace flash
