@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs)
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, profile (ncu)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -106,6 +106,18 @@ if [[ " $stages " == *" sweep "* ]]; then
   timeout 480 python3 scripts/sweep_bwd.py --head-dims 64,128 ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --out /tmp/sweep/bwd_sweep.csv > /tmp/bwd_sweep.log 2>&1
   note "backward variants (scripts/sweep_bwd.py): rc=$?"; tail -45 /tmp/bwd_sweep.log >> "$summary"
   cp /tmp/sweep/bwd_sweep.csv "$OUT/" 2>/dev/null
+fi
+if [[ " $stages " == *" profile "* ]]; then
+  # Nsight Compute on the D = 128 backward (N = 4096), ours and SDPA's flash kernel: the summary sections as
+  # text and the full reports (with source lines: the build has -lineinfo) to open in ncu-ui.
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for impl in ours sdpa; do
+    if [ $impl = ours ]; then kernel=regex:bwd_kernel; flag=""; else kernel=regex:flash_bwd_dq_dk_dv; flag=--sdpa; fi
+    timeout 200 "$NCU" --kernel-name $kernel --launch-skip 1 --launch-count 1 --set full --import-source yes \
+      -f -o "$OUT/bwd_$impl" python3 scripts/profile_bwd.py --head-dim 128 --seqlen 4096 $flag > "/tmp/ncu_$impl.log" 2>&1
+    note "ncu $impl backward: rc=$?"
+    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --print-summary per-kernel > "$OUT/bwd_${impl}_summary.txt" 2>&1
+  done
 fi
 if [[ " $stages " == *" ddp "* ]]; then
   OUT=/tmp/ddp_logs bash scripts/ddp_speedup.sh > "$OUT/ddp.md" 2>&1
