@@ -18,7 +18,6 @@ for both implementations, so it is an effective bandwidth and the speed-up is th
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils import benchmark
 
 from transformer.add_layernorm import add_layernorm, fused_kernels_available
 
 from .attention import device_name
 from .report import markdown
+from .timing import time_ms, timer_name
 
 __all__ = [
     "CPU_SHAPES",
@@ -111,31 +110,9 @@ def bytes_moved(rows: int, width: int, dtype: torch.dtype, direction: str, grad_
 # ---------------------------------------------------------------------------------------- timing
 
 
-def _triton_do_bench() -> Callable[..., float] | None:
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        return None
-    return do_bench
-
-
 def time_us(step: Callable[[], object], device: str, warmup_ms: float, rep_ms: float) -> float:
     """Median microseconds of one ``step``."""
-    do_bench = _triton_do_bench() if device == "cuda" else None
-    if do_bench is not None:
-        try:
-            return 1e3 * float(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-        except TypeError:  # older triton without return_mode
-            return 1e3 * float(do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5]))
-    deadline = time.perf_counter() + warmup_ms / 1e3
-    while True:
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if time.perf_counter() >= deadline:
-            break
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return 1e6 * timer.blocked_autorange(min_run_time=rep_ms / 1e3).median
+    return 1e3 * time_ms(step, device, warmup_ms, rep_ms)
 
 
 # ---------------------------------------------------------------------------------------- the sweep
@@ -222,7 +199,7 @@ def run(cfg: AddLnConfig) -> list[AddLnRow]:
 def describe(cfg: AddLnConfig) -> str:
     """One line naming the machine and the settings."""
     grads = "dy and ds" if cfg.grad_s else "dy only"
-    timer = "triton do_bench" if cfg.device == "cuda" and _triton_do_bench() else "torch.utils.benchmark"
+    timer = timer_name(cfg.device)
     rounds = f", fastest of {cfg.rounds} alternating rounds" if cfg.rounds > 1 else ""
     return (
         f"{device_name(cfg.device)}, torch {torch.__version__}; fwd_bwd gradients: {grads}; "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import itertools
 import platform
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -26,12 +25,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils import benchmark
 from tqdm import tqdm
 
 from attention_backends import BackendUnsupportedError, attention, get_backend, track_backends
 
 from . import report
+from .timing import time_ms
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -293,38 +292,6 @@ def make_step(forward: Callable[[], Tensor], direction: str, inputs: Inputs) -> 
 
 
 # ------------------------------------------------------------------------------------ timing and memory
-
-
-def _triton_do_bench() -> Callable[..., Any] | None:
-    try:
-        from triton.testing import do_bench
-    except ImportError:  # no triton: torch.utils.benchmark instead
-        return None
-    return do_bench
-
-
-def _warm_up(step: Callable[[], object], device: str, warmup_ms: float) -> None:
-    """Call ``step`` until ``warmup_ms`` have passed (at least once)."""
-    deadline = time.perf_counter() + warmup_ms / 1e3
-    while True:
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if time.perf_counter() >= deadline:
-            return
-
-
-def time_ms(step: Callable[[], object], device: str, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds of one ``step``: triton's do_bench on CUDA if it imports, else torch's Timer."""
-    do_bench = _triton_do_bench() if device == "cuda" else None
-    if do_bench is not None:
-        try:
-            return float(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-        except TypeError:  # older triton without return_mode
-            return float(do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5]))
-    _warm_up(step, device, warmup_ms)
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=rep_ms / 1e3).median * 1e3
 
 
 def peak_mib(step: Callable[[], object], device: str) -> float | None:

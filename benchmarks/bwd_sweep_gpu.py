@@ -26,6 +26,7 @@ import torch
 
 from attention_backends.reference import reference_attention, relative_error
 from attention_backends.sdpa import sdpa_attention
+from benchmarks.timing import time_ms
 
 # (B, Hq, Hkv, Nq, Nk, causal, key padding)
 CHECK_CASES = [
@@ -108,17 +109,7 @@ def run_checks(head_dim: int, device: str = "cuda") -> list[dict]:
 
 def _bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
     """Median ms per call."""
-    try:
-        import triton
-
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except ImportError:
-        from torch.utils import benchmark
-
-        fn()
-        torch.cuda.synchronize()
-        timer = benchmark.Timer(stmt="fn(); torch.cuda.synchronize()", globals={"fn": fn, "torch": torch})
-        return timer.blocked_autorange(min_run_time=rep_ms / 1000).median * 1000
+    return time_ms(fn, "cuda", warmup_ms, rep_ms)
 
 
 def time_point(point: dict, warmup_ms: float, rep_ms: float, with_fwd: bool) -> dict:

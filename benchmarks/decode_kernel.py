@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.report import markdown, write_csv
+from benchmarks.timing import time_ms
 
 __all__ = [
     "DEFAULT_LEN_KS",
@@ -171,17 +172,13 @@ def write_outputs(rows: Sequence[dict[str, Any]], out_dir: Path, header: str = "
 # ------------------------------------------------------------------------------------------ timing
 
 
-def time_us(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median time of ``fn`` in microseconds: triton's do_bench, else torch.utils.benchmark."""
-    try:
-        import triton.testing
-    except ImportError:
-        from torch.utils import benchmark
-
-        fn()
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-        return timer.blocked_autorange(min_run_time=max(rep_ms, 1) / 1000).median * 1e6
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+def time_us(
+    fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100, device: str | None = None
+) -> float:
+    """Median time of ``fn`` in microseconds (``device``: where it runs, default CUDA when present)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 1e3 * time_ms(fn, device, warmup_ms, rep_ms)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,22 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 namespace flash {
 
 // Opt-in shared memory per block of `device`, in bytes (227 KB on sm_90, 163 KB on sm_80, 99 KB on
-// sm_86 / sm_89).
+// sm_86 / sm_89). Asked of the runtime once per device, then cached: every attention call reads it.
 inline int max_smem_per_block(const c10::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device.index());
+  if (it != cache.end()) return it->second;
   int bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  cache.emplace(device.index(), bytes);
   return bytes;
 }
 
