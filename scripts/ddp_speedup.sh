@@ -5,6 +5,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/ddp_out}
 mkdir -p "$OUT"
+# NVLink multicast stays off (it can take a shared host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 args=(attention=flash attention.strict=true precision=bf16 model=small task=copy task.max_len=64
       trainer.batch_size=512 trainer.steps=300 trainer.warmup_steps=30 trainer.eval_every=0
       trainer.eval_batches=1 trainer.checkpoint_every=0 "$@")
