@@ -121,8 +121,13 @@ if [[ " $stages " == *" profile "* ]]; then
 fi
 if [[ " $stages " == *" ddp "* ]]; then
   OUT=/tmp/ddp_logs bash scripts/ddp_speedup.sh > "$OUT/ddp.md" 2>&1
-  grep -q "speed-up" "$OUT/ddp.md" || tail -n 15 /tmp/ddp_logs/*.log >> "$OUT/ddp.md"
+  grep -q "rc=[1-9]" "$OUT/ddp.md" && tail -n 15 /tmp/ddp_logs/*.log >> "$OUT/ddp.md"
   note "ddp (scripts/ddp_speedup.sh):"; cat "$OUT/ddp.md" >> "$summary"
+  # Where one step's time goes at the smallest batch (torch.profiler, CPU and device time per operator).
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 train.py attention=flash precision=bf16 model=small task=copy \
+    task.max_len=64 trainer.batch_size=512 trainer.steps=20 trainer.eval_batches=0 trainer.checkpoint_every=0 \
+    trainer.profile_steps=10 hydra.run.dir=/tmp/step_profile > /tmp/step_profile.log 2>&1
+  note "step profile (batch 512, 1 GPU): rc=$?"; cp /tmp/step_profile/profile.txt "$OUT/step_profile.txt" 2>/dev/null
 fi
 echo "==== summary"
 cat "$summary"

@@ -15,6 +15,8 @@ gradient clipping, evaluates with greedy decoding on a held-out set, and writes 
   on CPU ``"process_peak_rss"``: the process's peak resident set size during this run, or
   ``"process_peak_rss_lifetime"`` where Linux's peak counter can't be reset) and ``start_memory_mb`` (the
   same measure at the start), ``train_time_s`` (the whole loop, evaluation included), final loss;
+- ``profile.txt`` and ``profile_trace.json`` with ``trainer.profile_steps=N``: torch.profiler over N
+  training steps after a 3-step warm-up (operator tables by CPU and device time; a Chrome/Perfetto trace);
 - ``checkpoint.pt``: model, optimizer, scheduler, grad scaler, step, config and RNG states, written
   atomically; ``trainer.resume=PATH`` continues from one.
 
@@ -174,8 +176,9 @@ def validate_config(cfg: DictConfig) -> torch.device:
     for key in ("warmup_steps", "eval_every", "log_every", "checkpoint_every", "eval_batches"):
         if trainer[key] < 0:
             raise ValueError(f"trainer.{key} must be >= 0, got {trainer[key]}")
-    if (trainer.get("untimed_steps") or 0) < 0:
-        raise ValueError(f"trainer.untimed_steps must be >= 0, got {trainer.untimed_steps}")
+    for key in ("untimed_steps", "profile_steps"):
+        if (trainer.get(key) or 0) < 0:
+            raise ValueError(f"trainer.{key} must be >= 0, got {trainer[key]}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if trainer.batch_size % world_size != 0:
         raise ValueError(
@@ -385,6 +388,38 @@ def _track_backends() -> Iterator[dict[str, int]]:
         yield counter
 
 
+PROFILE_WARMUP_STEPS = 3
+
+
+@contextlib.contextmanager
+def _step_profiler(steps: int, device: torch.device, out_dir: Path, enabled: bool) -> Iterator[Any]:
+    """torch.profiler over ``steps`` training steps after a short warm-up; yields its ``step()``.
+
+    On exit it writes ``profile.txt`` (operators by self CPU time and, on CUDA, by device time) and
+    ``profile_trace.json`` (Chrome / Perfetto trace) into ``out_dir``. Off (``steps == 0`` or not rank 0):
+    a no-op ``step()``.
+    """
+    if not enabled or steps == 0:
+        yield lambda: None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = torch.profiler.schedule(wait=0, warmup=PROFILE_WARMUP_STEPS, active=steps, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+        yield prof.step
+    tables = [("self CPU time", "self_cpu_time_total")]
+    if device.type == "cuda":
+        tables.append(("device time", "self_device_time_total"))
+    averages = prof.key_averages()
+    with open(out_dir / "profile.txt", "w") as f:
+        for title, key in tables:
+            f.write(f"# {steps} steps after {PROFILE_WARMUP_STEPS} warm-up steps, by {title}\n")
+            f.write(averages.table(sort_by=key, row_limit=30) + "\n\n")
+    prof.export_chrome_trace(str(out_dir / "profile_trace.json"))
+    log.info("profile of %d steps: %s", steps, out_dir / "profile.txt")
+
+
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -472,6 +507,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
             open(out_dir / "metrics.jsonl", "a") if ctx.is_main else open(os.devnull, "w") as jsonl,
             logging_redirect_tqdm(),
             _track_backends() as backend_calls,
+            _step_profiler(trainer.get("profile_steps") or 0, device, out_dir, ctx.is_main) as profile_step,
             tqdm(
                 total=trainer.steps,
                 initial=step,
@@ -533,6 +569,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
                     "step_time_s": this_step_time,
                 }
                 jsonl.write(json.dumps(record) + "\n")
+                profile_step()
                 bar.update(1)
                 if trainer.log_every and (step % trainer.log_every == 0 or step == stop_at):
                     bar.set_postfix(
