@@ -117,6 +117,11 @@ if [[ " $stages " == *" profile "* ]]; then
       -f -o "$OUT/bwd_$impl" python3 scripts/profile_bwd.py --head-dim 128 --seqlen 4096 $flag > "/tmp/ncu_$impl.log" 2>&1
     note "ncu $impl backward: rc=$?"
     "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --print-summary per-kernel > "$OUT/bwd_${impl}_summary.txt" 2>&1
+    # Text to read without ncu-ui: every metric, and per-SASS-instruction samples and counts.
+    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --page raw --csv > "$OUT/bwd_${impl}_raw.csv" 2>&1
+    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/bwd_${impl}_sass.csv" 2>&1
+    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --page details > "$OUT/bwd_${impl}_details.txt" 2>&1
   done
 fi
 if [[ " $stages " == *" ddp "* ]]; then
