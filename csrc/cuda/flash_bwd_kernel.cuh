@@ -21,7 +21,6 @@
 #include "flash_launch.h"
 #include "flash_params.h"
 #include "flash_utils.cuh"
-#include "static_switch.h"
 
 namespace flash {
 
@@ -113,12 +112,6 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
       if (vis[mt][1]) vis[mt][1] = !kpm[jrow[mt][1]];
     }
   }
-
-  // Whether any key of this tile is invisible to every query (beyond L, or padded): one vote.
-  bool my_keys_masked = false;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) my_keys_masked |= !vis[mt][0] || !vis[mt][1];
-  const bool keys_masked = __syncthreads_or(my_keys_masked);
 
   const T* gq = static_cast<const T*>(params.q) + b * params.q_stride.batch + h * params.q_stride.head;
   const T* gk = static_cast<const T*>(params.k) + b * params.k_stride.batch + hk * params.k_stride.head;
@@ -232,31 +225,26 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
       warp_gemm_ss<T, MT, Tr::kSNT, D / 16, false, false>(s, sK + key0 * kPitchD * 2, kPitchD,
                                                            sQ + cb * kPitchD * 2, kPitchD, lane);
 
-      // P^T in place; the element masks only where this tile needs them (else no per-element
-      // integer work at all).
-      BOOL_SWITCH(keys_masked || col_mask, kMasked, [&] {
+      // P^T in place.
 #pragma unroll
-        for (int nt = 0; nt < Tr::kSNT; ++nt) {
-          const int c = cb + nt * 8 + 2 * t;  // column in the tile (queries c, c + 1)
-          const float2 l = *reinterpret_cast<const float2*>(lse + c);
-          const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
+      for (int nt = 0; nt < Tr::kSNT; ++nt) {
+        const int c = cb + nt * 8 + 2 * t;  // column in the tile (queries c, c + 1)
+        const float2 l = *reinterpret_cast<const float2*>(lse + c);
+        const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float p = fast_exp2(fmaf(s[mt][nt][e], params.scale_log2, (e & 1) ? nl1 : nl0));
-              if constexpr (kMasked) {
-                if (!(e < 2 ? vis[mt][0] : vis[mt][1])) p = 0.f;
-                if (col_mask) {
-                  const int i = m0 + c + (e & 1), j = e < 2 ? jrow[mt][0] : jrow[mt][1];
-                  if (i >= Nq || (causal && j > i + diag)) p = 0.f;
-                }
-              }
-              s[mt][nt][e] = p;
+          for (int e = 0; e < 4; ++e) {
+            float p = fast_exp2(fmaf(s[mt][nt][e], params.scale_log2, (e & 1) ? nl1 : nl0));
+            if (!(e < 2 ? vis[mt][0] : vis[mt][1])) p = 0.f;
+            if (col_mask) {
+              const int i = m0 + c + (e & 1), j = e < 2 ? jrow[mt][0] : jrow[mt][1];
+              if (i >= Nq || (causal && j > i + diag)) p = 0.f;
             }
+            s[mt][nt][e] = p;
           }
         }
-      });
+      }
 
       // dP^T (same shape as S^T).
       float dp[MT][Tr::kSNT][4];
