@@ -107,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   at::Tensor dq = at::empty({B, Hq, Nq, D}, opts);
   at::Tensor dk_heads = at::empty({B, Hq, Nk, D}, opts);
   at::Tensor dv_heads = at::empty({B, Hq, Nk, D}, opts);
-  at::Tensor dq_accum = at::zeros({B, Hq, Nq, D}, opts.dtype(at::kFloat));
+  const int64_t dq_accum_rows =
+      (Nq + flash::kDqAccumRowMultiple - 1) / flash::kDqAccumRowMultiple * flash::kDqAccumRowMultiple;
+  at::Tensor dq_accum = at::zeros({B, Hq, dq_accum_rows, D}, opts.dtype(at::kFloat));
   at::Tensor softmax_d = at::empty({B, Hq, Nq}, opts.dtype(at::kFloat));
   if (flash::poison_outputs()) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -150,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dk = dk_heads.data_ptr();
   p.dv = dv_heads.data_ptr();
   p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq_accum_rows = static_cast<int>(dq_accum_rows);
   p.softmax_d = softmax_d.data_ptr<float>();
   p.max_smem_per_block = max_smem;
 

@@ -121,7 +121,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
   const int64_t bh = int64_t(b) * Hq + h;
   const float* glse = params.lse_saved + bh * Nq;
   const float* gdsum = params.softmax_d + bh * Nq;
-  float* gdq = params.dq_accum + bh * Nq * D;
+  float* gdq = params.dq_accum + bh * params.dq_accum_rows * D;
 
   const uint32_t s0 = smem_u32(smem);
   const uint32_t sK = s0 + Tr::kOffK, sV = s0 + Tr::kOffV, sdS = s0 + Tr::kOffdS, sP = s0 + Tr::kOffP;
@@ -144,6 +144,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
 
   // dQ of query tile m (this warp: kQMT*16 queries x kQNT*8 dims) = dS K, A read transposed from
   // dS^T buffer ds_buf, added to dq_accum.
+  constexpr bool kRowsPadded = kDqAccumRowMultiple % kBlockM == 0;
   auto dq_tile = [&](int m, int ds_buf) {
     const int m0 = m * kBlockM;
     float dq[Tr::kQMT][Tr::kQNT][4];
@@ -158,6 +159,23 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
     warp_gemm_ss<T, Tr::kQMT, Tr::kQNT, kBlockN / 16, true, true>(
         dq, sdS + ds_buf * Tr::kSTileBytes + qm * Tr::kQMT * 16 * 2, kPitchM, sK + qd * Tr::kQNT * 8 * 2,
         kPitchD, lane);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // dq_accum has whole tiles of rows (kDqAccumRowMultiple): rows >= Nq, whose values are 0 (their
+    // Q / dO rows were zero-filled and their P masked), need no guard, and every atomic is at a
+    // constant offset from one base address (sm_90: no branches between the atomics, few registers).
+    const int r0 = m0 + qm * Tr::kQMT * 16 + g;
+    float* gdq_r0 = gdq + int64_t(r0) * D + qd * Tr::kQNT * 8 + 2 * t;
+#pragma unroll
+    for (int mt = 0; mt < Tr::kQMT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < Tr::kQNT; ++nt) {
+        float* p = gdq_r0 + mt * 16 * D + nt * 8;
+        if (kRowsPadded || r0 + mt * 16 < Nq) atomic_add_f2(p, dq[mt][nt][0], dq[mt][nt][1]);
+        if (kRowsPadded || r0 + mt * 16 + 8 < Nq) atomic_add_f2(p + 8 * D, dq[mt][nt][2], dq[mt][nt][3]);
+      }
+    }
+#else
+    // sm_80 (two scalar atomics per pair): guarded per row, which keeps its register use lower.
 #pragma unroll
     for (int mt = 0; mt < Tr::kQMT; ++mt) {
       const int r = m0 + qm * Tr::kQMT * 16 + mt * 16 + g;
@@ -168,6 +186,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
         if (r + 8 < Nq) atomic_add_f2(gdq + int64_t(r + 8) * D + c, dq[mt][nt][2], dq[mt][nt][3]);
       }
     }
+#endif
   };
 
   load_rows_async<kBlockN, D, kPitchD, kNThreads>(sK, gk, params.k_stride.row, n0, Nk, tid);

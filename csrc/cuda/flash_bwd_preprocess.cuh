@@ -47,12 +47,16 @@ __global__ void __launch_bounds__(kNThreads) bwd_dot_do_o_kernel(const BwdParams
   if (row < rows && sub == 0) params.softmax_d[row] = acc;
 }
 
-// 4 consecutive elements per thread (the head dim is a multiple of 8, so the total is too).
+// 4 consecutive elements of dq per thread (the head dim is a multiple of 8, so the total is too);
+// dq_accum has dq_accum_rows >= Nq rows per (batch, head).
 template <typename T>
 __global__ void bwd_convert_dq_kernel(const BwdParams params, int64_t n4) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n4) return;
-  const float4 a = reinterpret_cast<const float4*>(params.dq_accum)[idx];
+  const int64_t per_head = int64_t(params.len_q) * params.head_dim / 4;  // float4s of dq per head
+  const int64_t bh = idx / per_head;
+  const int64_t at = idx + bh * (int64_t(params.dq_accum_rows) - params.len_q) * params.head_dim / 4;
+  const float4 a = reinterpret_cast<const float4*>(params.dq_accum)[at];
   const float s = params.scale;
   uint2 r;
   r.x = ElemTraits<T>::pack(a.x * s, a.y * s);

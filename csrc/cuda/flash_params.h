@@ -44,6 +44,9 @@ struct FwdParams {
   float* lse_accum;
 };
 
+// dq_accum's rows are Nq rounded up to this (a multiple of every backward query tile).
+constexpr int kDqAccumRowMultiple = 128;
+
 struct BwdParams : FwdParams {
   // dout (B, Hq, Nq, D) any strides with a contiguous last dim; out and lse as saved by the forward.
   const void* dout;
@@ -56,9 +59,11 @@ struct BwdParams : FwdParams {
   void* dq;
   void* dk;
   void* dv;
-  // Scratch the API layer allocates: dq_accum (B, Hq, Nq, D) float32 zeroed, softmax_d (B, Hq, Nq)
-  // float32 (rowsum(dout * out)).
+  // Scratch the API layer allocates: dq_accum (B, Hq, dq_accum_rows, D) float32 zeroed, its rows
+  // Nq rounded up to kDqAccumRowMultiple so that whole query tiles add into it without row guards;
+  // softmax_d (B, Hq, Nq) float32 (rowsum(dout * out)).
   float* dq_accum;
+  int dq_accum_rows;
   float* softmax_d;
   // Opt-in shared memory per block of the device, in bytes: run_bwd launches the default tiles of
   // the head dim when they fit, else the fallback (flash_bwd_traits.h, BwdChoice).
