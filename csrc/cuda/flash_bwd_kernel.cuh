@@ -144,7 +144,9 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
 
   // dQ of query tile m (this warp: kQMT*16 queries x kQNT*8 dims) = dS K, A read transposed from
   // dS^T buffer ds_buf, added to dq_accum.
-  constexpr bool kRowsPadded = kDqAccumRowMultiple % kBlockM == 0;
+  // dQ atomics without row guards (sm_90, tiles that divide dq_accum's row multiple), only for one
+  // block per SM: on the H200 they made d128v1 1-2 % faster and d64v3 (2 blocks per SM) 1-4 % slower.
+  constexpr bool kRowsPadded = kDqAccumRowMultiple % kBlockM == 0 && Tr::kMinBlocks == 1;
   auto dq_tile = [&](int m, int ds_buf) {
     const int m0 = m * kBlockM;
     float dq[Tr::kQMT][Tr::kQNT][4];
@@ -160,33 +162,36 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
         dq, sdS + ds_buf * Tr::kSTileBytes + qm * Tr::kQMT * 16 * 2, kPitchM, sK + qd * Tr::kQNT * 8 * 2,
         kPitchD, lane);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // dq_accum has whole tiles of rows (kDqAccumRowMultiple): rows >= Nq, whose values are 0 (their
-    // Q / dO rows were zero-filled and their P masked), need no guard, and every atomic is at a
-    // constant offset from one base address (sm_90: no branches between the atomics, few registers).
-    const int r0 = m0 + qm * Tr::kQMT * 16 + g;
-    float* gdq_r0 = gdq + int64_t(r0) * D + qd * Tr::kQNT * 8 + 2 * t;
-#pragma unroll
-    for (int mt = 0; mt < Tr::kQMT; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < Tr::kQNT; ++nt) {
-        float* p = gdq_r0 + mt * 16 * D + nt * 8;
-        if (kRowsPadded || r0 + mt * 16 < Nq) atomic_add_f2(p, dq[mt][nt][0], dq[mt][nt][1]);
-        if (kRowsPadded || r0 + mt * 16 + 8 < Nq) atomic_add_f2(p + 8 * D, dq[mt][nt][2], dq[mt][nt][3]);
-      }
-    }
+    constexpr bool kUnguarded = kRowsPadded;
 #else
-    // sm_80 (two scalar atomics per pair): guarded per row, which keeps its register use lower.
+    constexpr bool kUnguarded = false;  // sm_80: two scalar atomics per pair; guarded uses fewer registers
+#endif
+    if constexpr (kUnguarded) {
+      // dq_accum has whole tiles of rows (kDqAccumRowMultiple): rows >= Nq, whose values are 0 (their
+      // Q / dO rows were zero-filled and their P masked), need no guard, and every atomic is at a
+      // constant offset from one base address (no branches between the atomics).
+      float* gdq_r0 = gdq + int64_t(m0 + qm * Tr::kQMT * 16 + g) * D + qd * Tr::kQNT * 8 + 2 * t;
 #pragma unroll
-    for (int mt = 0; mt < Tr::kQMT; ++mt) {
-      const int r = m0 + qm * Tr::kQMT * 16 + mt * 16 + g;
+      for (int mt = 0; mt < Tr::kQMT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < Tr::kQNT; ++nt) {
-        const int c = qd * Tr::kQNT * 8 + nt * 8 + 2 * t;
-        if (r < Nq) atomic_add_f2(gdq + int64_t(r) * D + c, dq[mt][nt][0], dq[mt][nt][1]);
-        if (r + 8 < Nq) atomic_add_f2(gdq + int64_t(r + 8) * D + c, dq[mt][nt][2], dq[mt][nt][3]);
+        for (int nt = 0; nt < Tr::kQNT; ++nt) {
+          float* p = gdq_r0 + mt * 16 * D + nt * 8;
+          atomic_add_f2(p, dq[mt][nt][0], dq[mt][nt][1]);
+          atomic_add_f2(p + 8 * D, dq[mt][nt][2], dq[mt][nt][3]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < Tr::kQMT; ++mt) {
+        const int r = m0 + qm * Tr::kQMT * 16 + mt * 16 + g;
+#pragma unroll
+        for (int nt = 0; nt < Tr::kQNT; ++nt) {
+          const int c = qd * Tr::kQNT * 8 + nt * 8 + 2 * t;
+          if (r < Nq) atomic_add_f2(gdq + int64_t(r) * D + c, dq[mt][nt][0], dq[mt][nt][1]);
+          if (r + 8 < Nq) atomic_add_f2(gdq + int64_t(r + 8) * D + c, dq[mt][nt][2], dq[mt][nt][3]);
+        }
       }
     }
-#endif
   };
 
   load_rows_async<kBlockN, D, kPitchD, kNThreads>(sK, gk, params.k_stride.row, n0, Nk, tid);
