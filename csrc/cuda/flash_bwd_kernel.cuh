@@ -144,9 +144,6 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
 
   // dQ of query tile m (this warp: kQMT*16 queries x kQNT*8 dims) = dS K, A read transposed from
   // dS^T buffer ds_buf, added to dq_accum.
-  // dQ atomics without row guards (sm_90, tiles that divide dq_accum's row multiple), only for one
-  // block per SM: on the H200 they made d128v1 1-2 % faster and d64v3 (2 blocks per SM) 1-4 % slower.
-  constexpr bool kRowsPadded = kDqAccumRowMultiple % kBlockM == 0 && Tr::kMinBlocks == 1;
   auto dq_tile = [&](int m, int ds_buf) {
     const int m0 = m * kBlockM;
     float dq[Tr::kQMT][Tr::kQNT][4];
@@ -162,7 +159,7 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
         dq, sdS + ds_buf * Tr::kSTileBytes + qm * Tr::kQMT * 16 * 2, kPitchM, sK + qd * Tr::kQNT * 8 * 2,
         kPitchD, lane);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr bool kUnguarded = kRowsPadded;
+    constexpr bool kUnguarded = Tr::kDqUnguarded;  // on the H200: d128v1 1-2 % faster, d64v3 1-4 % slower
 #else
     constexpr bool kUnguarded = false;  // sm_80: two scalar atomics per pair; guarded uses fewer registers
 #endif

@@ -16,7 +16,10 @@
 //   kDeferDq: dQ of query tile m is computed after the barrier of tile m + 1, from a second dS^T
 //             buffer, so each query tile needs one __syncthreads instead of two (kPInRegs only);
 //   kStagger: key block n walks its query tiles starting at tile (n mod count), so that the blocks
-//             of one head add into different dq_accum rows at the same time.
+//             of one head add into different dq_accum rows at the same time;
+//   kDqUnguarded: (sm_90) the dQ atomics without row guards, at constant offsets from one address
+//             (dq_accum's rows are padded to kDqAccumRowMultiple, a multiple of kBlockM); else one
+//             guarded atomic per row, which needs fewer registers.
 //
 // Shared memory (dynamic), row-major tiles of 16-bit elements, rows padded by 8 elements
 // (pitch = 16 * odd bytes: ldmatrix and the fragment stores are bank-conflict free):
@@ -31,10 +34,13 @@
 // the H200 (docs/perf.md), variant 0 the fallback for devices with less shared memory per block.
 #pragma once
 
+#include "flash_params.h"  // kDqAccumRowMultiple
+
 namespace flash {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kQWarpsM_, int kSChunks_ = 1,
-          int kMinBlocks_ = 1, int kKeyMT_ = 1, bool kDeferDq_ = false, bool kStagger_ = false>
+          int kMinBlocks_ = 1, int kKeyMT_ = 1, bool kDeferDq_ = false, bool kStagger_ = false,
+          bool kDqUnguarded_ = false>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
@@ -59,6 +65,7 @@ struct BwdTraits {
   static constexpr bool kPInRegs = kSQWarps == 1;
   static constexpr bool kDeferDq = kDeferDq_;
   static constexpr bool kStagger = kStagger_;
+  static constexpr bool kDqUnguarded = kDqUnguarded_;
 
   // dQ warp grid.
   static constexpr int kQWarpsM = kQWarpsM_;
@@ -95,12 +102,13 @@ struct BwdTraits {
   static_assert(kQMT * 16 * kQWarpsM == kBlockM && kQNT * 8 * kQWarpsD == kHeadDim, "dQ tiling");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
   static_assert(kBlockM <= kNThreads, "one thread per query row loads lse / Dsum");
+  static_assert(!kDqUnguarded || kDqAccumRowMultiple % kBlockM == 0, "dq_accum rows padded to whole tiles");
   static_assert((kBlockM * kChunksPerRow) % kNThreads == 0, "Q tile copy splits evenly");
   static_assert((kBlockN * kChunksPerRow) % kNThreads == 0, "K/V tile copy splits evenly");
 };
 
 // Variants per head dim: BwdTraits<D, kBlockM, kBlockN, warps, dQ warps along M, S^T chunks,
-// blocks per SM, key m16 tiles per warp, deferred dQ, staggered query order>. The comment after
+// blocks per SM, key m16 tiles per warp, deferred dQ, staggered query order, unguarded dQ atomics>. The comment after
 // each is its label in the sweep (benchmarks/bwd_sweep.py reads these lines): kBlockM x kBlockN,
 // the warp tile of S^T / dK / dV, and "(sm_90)" where the shared memory exceeds sm_80's 163 KB
 // (bwd_kernel compiles to a trap there; the launch fails).
@@ -132,10 +140,6 @@ struct BwdVariant<64, 3> {  // 64x128, 4 warps x 32 keys, S^T in 4 chunks, 2 blo
   using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2>;
 };
 template <>
-struct BwdVariant<64, 4> {  // 64x256, 8 warps x 32 keys, S^T in 4 chunks
-  using Traits = BwdTraits<64, 64, 256, 8, 2, 4, 1, 2>;
-};
-template <>
 struct BwdVariant<64, 5> {  // variant 3 with deferred dQ
   using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2, true>;
 };
@@ -151,8 +155,8 @@ struct BwdVariant<128, 0> {  // 64x128, 8 warps x 16 keys, S^T in 2 chunks (fall
   using Traits = BwdTraits<128, 64, 128, 8, 2, 2>;
 };
 template <>
-struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem (sm_90) (default)
-  using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2>;
+struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem, unguarded dQ (sm_90) (default)
+  using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2, false, false, true>;
 };
 template <>
 struct BwdVariant<128, 2> {  // variant 1 with dQ on 4 x 2 warps (sm_90)
@@ -169,10 +173,6 @@ struct BwdVariant<128, 4> {  // variant 0 with deferred dQ and staggered query o
 template <>
 struct BwdVariant<128, 5> {  // 32x64, 4 warps x 32 keys x 64 dims, P^T in smem, 2 blocks/SM
   using Traits = BwdTraits<128, 32, 64, 4, 2, 1, 2, 2>;
-};
-template <>
-struct BwdVariant<128, 6> {  // 48x64, 4 warps x 16 keys, S^T in 3 chunks, 2 blocks/SM
-  using Traits = BwdTraits<128, 48, 64, 4, 1, 3, 2>;
 };
 template <>
 struct BwdVariant<128, 7> {  // 32x128, 8 warps x 32 keys x 64 dims, P^T in smem
