@@ -159,13 +159,27 @@ __device__ __forceinline__ void bwd_block(const BwdParams& params) {
         dq, sdS + ds_buf * Tr::kSTileBytes + qm * Tr::kQMT * 16 * 2, kPitchM, sK + qd * Tr::kQNT * 8 * 2,
         kPitchD, lane);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr bool kUnguarded = Tr::kDqUnguarded;  // on the H200: d128v1 1-2 % faster, d64v3 1-4 % slower
+    // On the H200: unguarded rows made d128v1 1-2 % faster and d64v3 1-4 % slower.
+    constexpr bool kUnguarded = Tr::kDqMode == kDqRowsUnguarded;
 #else
     constexpr bool kUnguarded = false;  // sm_80: two scalar atomics per pair; guarded uses fewer registers
 #endif
-    if constexpr (kUnguarded) {
-      // dq_accum has whole tiles of rows (kDqAccumRowMultiple): rows >= Nq, whose values are 0 (their
-      // Q / dO rows were zero-filled and their P masked), need no guard, and every atomic is at a
+    if constexpr (Tr::kDqMode == kDqFragments) {
+      // dq_accum in fragment order: the 16 x 8 block (row block rb, column block cb) of a head is
+      // 128 floats at (rb * D / 8 + cb) * 128, lane l's (c0, c1) at 2l and (c2, c3) at 64 + 2l. Rows
+      // >= Nq exist (padded) and add zeros (their Q / dO rows were zero-filled and their P masked).
+      float* gdq_frag = gdq + int64_t((m0 / 16 + qm * Tr::kQMT) * (D / 8) + qd * Tr::kQNT) * 128 + 2 * lane;
+#pragma unroll
+      for (int mt = 0; mt < Tr::kQMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Tr::kQNT; ++nt) {
+          float* p = gdq_frag + (mt * (D / 8) + nt) * 128;
+          atomic_add_f2(p, dq[mt][nt][0], dq[mt][nt][1]);
+          atomic_add_f2(p + 64, dq[mt][nt][2], dq[mt][nt][3]);
+        }
+      }
+    } else if constexpr (kUnguarded) {
+      // Row-major without row guards (rows >= Nq exist and add zeros, as above); every atomic at a
       // constant offset from one base address (no branches between the atomics).
       float* gdq_r0 = gdq + int64_t(m0 + qm * Tr::kQMT * 16 + g) * D + qd * Tr::kQNT * 8 + 2 * t;
 #pragma unroll
@@ -369,7 +383,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocks) bwd_kernel(cons
   }
 }
 
-// dK, dV and dq_accum with the tiles Tr.
+// dK, dV and dq_accum with the tiles Tr, then dq from dq_accum (in Tr's dQ layout).
 template <typename T, typename Tr>
 void launch_bwd_kernel(const BwdParams& params, cudaStream_t stream) {
   auto kernel = bwd_kernel<T, Tr>;
@@ -379,6 +393,11 @@ void launch_bwd_kernel(const BwdParams& params, cudaStream_t stream) {
   }
   const dim3 grid((params.len_k + Tr::kBlockN - 1) / Tr::kBlockN, params.heads_q, params.batch);
   kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(params);
+
+  // dq = dq_accum * scale in the element type.
+  const int64_t n4 = int64_t(params.batch) * params.heads_q * params.len_q * Tr::kHeadDim / 4;
+  bwd_convert_dq_kernel<T, Tr::kDqMode == kDqFragments>
+      <<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
 }
 
 template <typename T, int kHeadDim>
@@ -402,10 +421,6 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
   } else {
     launch_bwd_kernel<T, typename Config::Fallback>(params, stream);
   }
-
-  // dq = dq_accum * scale in the element type.
-  const int64_t n4 = rows * kHeadDim / 4;
-  bwd_convert_dq_kernel<T><<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
 }
 
 }  // namespace flash

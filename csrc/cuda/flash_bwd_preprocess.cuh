@@ -48,15 +48,25 @@ __global__ void __launch_bounds__(kNThreads) bwd_dot_do_o_kernel(const BwdParams
 }
 
 // 4 consecutive elements of dq per thread (the head dim is a multiple of 8, so the total is too);
-// dq_accum has dq_accum_rows >= Nq rows per (batch, head).
-template <typename T>
+// dq_accum has dq_accum_rows >= Nq rows per (batch, head), row-major or, with kFragments, in the
+// mma fragment order of flash_bwd_kernel.cuh (there the 4 elements are contiguous too).
+template <typename T, bool kFragments>
 __global__ void bwd_convert_dq_kernel(const BwdParams params, int64_t n4) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n4) return;
-  const int64_t per_head = int64_t(params.len_q) * params.head_dim / 4;  // float4s of dq per head
+  const int D = params.head_dim;
+  const int64_t per_head = int64_t(params.len_q) * D / 4;  // float4s of dq per head
   const int64_t bh = idx / per_head;
-  const int64_t at = idx + bh * (int64_t(params.dq_accum_rows) - params.len_q) * params.head_dim / 4;
-  const float4 a = reinterpret_cast<const float4*>(params.dq_accum)[at];
+  const int64_t in_head = (idx - bh * per_head) * 4;  // element offset of (i, c) in the head's dq
+  const float* head = params.dq_accum + bh * params.dq_accum_rows * D;
+  int64_t at;
+  if constexpr (kFragments) {
+    const int i = int(in_head / D), c = int(in_head % D);
+    at = (int64_t(i / 16) * (D / 8) + c / 8) * 128 + ((i % 16) / 8) * 64 + (i % 8) * 8 + c % 8;
+  } else {
+    at = in_head;
+  }
+  const float4 a = *reinterpret_cast<const float4*>(head + at);
   const float s = params.scale;
   uint2 r;
   r.x = ElemTraits<T>::pack(a.x * s, a.y * s);

@@ -17,9 +17,13 @@
 //             buffer, so each query tile needs one __syncthreads instead of two (kPInRegs only);
 //   kStagger: key block n walks its query tiles starting at tile (n mod count), so that the blocks
 //             of one head add into different dq_accum rows at the same time;
-//   kDqUnguarded: (sm_90) the dQ atomics without row guards, at constant offsets from one address
-//             (dq_accum's rows are padded to kDqAccumRowMultiple, a multiple of kBlockM); else one
-//             guarded atomic per row, which needs fewer registers.
+//   kDqMode:  how dQ is added to dq_accum (whose rows are padded to kDqAccumRowMultiple):
+//             kDqRowsGuarded: row-major, one guarded atomic per row (fewest registers);
+//             kDqRowsUnguarded: row-major, no row guards, constant offsets from one address (sm_90;
+//               sm_80 keeps the guarded form);
+//             kDqFragments: dq_accum in mma fragment order, so that the 32 lanes of one float2 atomic
+//               cover 256 contiguous bytes (2 L2 requests instead of 8 for a row-major 8 x 32 B
+//               pattern); bwd_convert_dq_kernel reads it back in that order.
 //
 // Shared memory (dynamic), row-major tiles of 16-bit elements, rows padded by 8 elements
 // (pitch = 16 * odd bytes: ldmatrix and the fragment stores are bank-conflict free):
@@ -38,9 +42,12 @@
 
 namespace flash {
 
+// How the backward adds dQ into dq_accum (BwdTraits::kDqMode, below).
+enum BwdDqMode : int { kDqRowsGuarded = 0, kDqRowsUnguarded = 1, kDqFragments = 2 };
+
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kQWarpsM_, int kSChunks_ = 1,
           int kMinBlocks_ = 1, int kKeyMT_ = 1, bool kDeferDq_ = false, bool kStagger_ = false,
-          bool kDqUnguarded_ = false>
+          int kDqMode_ = kDqRowsGuarded>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
@@ -65,7 +72,7 @@ struct BwdTraits {
   static constexpr bool kPInRegs = kSQWarps == 1;
   static constexpr bool kDeferDq = kDeferDq_;
   static constexpr bool kStagger = kStagger_;
-  static constexpr bool kDqUnguarded = kDqUnguarded_;
+  static constexpr int kDqMode = kDqMode_;
 
   // dQ warp grid.
   static constexpr int kQWarpsM = kQWarpsM_;
@@ -102,13 +109,14 @@ struct BwdTraits {
   static_assert(kQMT * 16 * kQWarpsM == kBlockM && kQNT * 8 * kQWarpsD == kHeadDim, "dQ tiling");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
   static_assert(kBlockM <= kNThreads, "one thread per query row loads lse / Dsum");
-  static_assert(!kDqUnguarded || kDqAccumRowMultiple % kBlockM == 0, "dq_accum rows padded to whole tiles");
+  static_assert(kDqMode == kDqRowsGuarded || kDqAccumRowMultiple % kBlockM == 0,
+                "dq_accum rows padded to whole tiles");
   static_assert((kBlockM * kChunksPerRow) % kNThreads == 0, "Q tile copy splits evenly");
   static_assert((kBlockN * kChunksPerRow) % kNThreads == 0, "K/V tile copy splits evenly");
 };
 
 // Variants per head dim: BwdTraits<D, kBlockM, kBlockN, warps, dQ warps along M, S^T chunks,
-// blocks per SM, key m16 tiles per warp, deferred dQ, staggered query order, unguarded dQ atomics>. The comment after
+// blocks per SM, key m16 tiles per warp, deferred dQ, staggered query order, dQ mode>. The comment after
 // each is its label in the sweep (benchmarks/bwd_sweep.py reads these lines): kBlockM x kBlockN,
 // the warp tile of S^T / dK / dV, and "(sm_90)" where the shared memory exceeds sm_80's 163 KB
 // (bwd_kernel compiles to a trap there; the launch fails).
@@ -147,6 +155,10 @@ template <>
 struct BwdVariant<64, 6> {  // variant 0 with staggered query order
   using Traits = BwdTraits<64, 64, 128, 8, 2, 1, 1, 1, false, true>;
 };
+template <>
+struct BwdVariant<64, 7> {  // variant 3 with dq_accum in fragment order
+  using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2, false, false, kDqFragments>;
+};
 
 // D = 128. dK and dV of 16 keys x 128 dims already hold 128 registers per thread: variant 0 walks
 // a warp's S^T in two chunks of 32 queries.
@@ -156,7 +168,7 @@ struct BwdVariant<128, 0> {  // 64x128, 8 warps x 16 keys, S^T in 2 chunks (fall
 };
 template <>
 struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem, unguarded dQ (sm_90) (default)
-  using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2, false, false, true>;
+  using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2, false, false, kDqRowsUnguarded>;
 };
 template <>
 struct BwdVariant<128, 2> {  // variant 1 with dQ on 4 x 2 warps (sm_90)
@@ -177,6 +189,11 @@ struct BwdVariant<128, 5> {  // 32x64, 4 warps x 32 keys x 64 dims, P^T in smem,
 template <>
 struct BwdVariant<128, 7> {  // 32x128, 8 warps x 32 keys x 64 dims, P^T in smem
   using Traits = BwdTraits<128, 32, 128, 8, 2, 1, 1, 2>;
+};
+
+template <>
+struct BwdVariant<128, 8> {  // variant 1 with dq_accum in fragment order (sm_90)
+  using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2, false, false, kDqFragments>;
 };
 
 // D = 256. Variant 0: 8 warps on 4 x 2 (16 keys x 128 dims of dK / dV each), dQ on 1 x 8; it fits
