@@ -153,6 +153,14 @@ def test_profile_steps_write_operator_tables_and_a_trace(tmp_path):
     assert len(steps) == 2
 
 
+def test_profile_window_cut_short_by_stop_at_step_writes_no_table(tmp_path):
+    train(
+        tiny_config("trainer.steps=8", "trainer.profile_steps=5", "trainer.stop_at_step=4"),
+        output_dir=tmp_path,
+    )
+    assert not (tmp_path / "profile.txt").exists()
+
+
 def test_profile_is_off_by_default(tmp_path):
     train(tiny_config("trainer.steps=2"), output_dir=tmp_path)
     assert not (tmp_path / "profile.txt").exists()

@@ -181,6 +181,12 @@ def validate_config(cfg: DictConfig) -> torch.device:
     for key in ("untimed_steps", "profile_steps"):
         if (trainer.get(key) or 0) < 0:
             raise ValueError(f"trainer.{key} must be >= 0, got {trainer[key]}")
+    profile_steps = trainer.get("profile_steps") or 0
+    if profile_steps and trainer.steps < PROFILE_WARMUP_STEPS + profile_steps:
+        raise ValueError(
+            f"trainer.profile_steps={profile_steps} needs at least {PROFILE_WARMUP_STEPS} + {profile_steps} "
+            f"training steps (warm-up + profiled), got trainer.steps={trainer.steps}"
+        )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if trainer.batch_size % world_size != 0:
         raise ValueError(
@@ -408,8 +414,18 @@ def _step_profiler(steps: int, device: torch.device, out_dir: Path, enabled: boo
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=0, warmup=PROFILE_WARMUP_STEPS, active=steps, repeat=1)
+    taken = 0
+
+    def step() -> None:
+        nonlocal taken
+        taken += 1
+        prof.step()
+
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
-        yield prof.step
+        yield step
+    if taken < PROFILE_WARMUP_STEPS + steps:  # e.g. a resumed run or stop_at_step ended it first
+        log.warning("the run ended after %d steps, before the %d profiled steps were done", taken, steps)
+        return
     tables = [("self CPU time", "self_cpu_time_total")]
     if device.type == "cuda":
         tables.append(("device time", "self_device_time_total"))
