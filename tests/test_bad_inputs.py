@@ -359,6 +359,10 @@ CONFIG_CASES = [
     (["trainer.batch_size=0"], "trainer.batch_size must be at least 1"),
     (["trainer.warmup_steps=-1"], "trainer.warmup_steps must be >= 0"),
     (["trainer.profile_steps=-1"], "trainer.profile_steps must be >= 0"),
+    (
+        ["trainer.compile=true", "trainer.compile_backend=nope"],
+        "trainer.compile_backend='nope' is not a torch",
+    ),
     (["trainer.steps=4", "trainer.profile_steps=2"], r"trainer.profile_steps=2 needs at least 3 \+ 2"),
     (["trainer.eval_seed=0"], "trainer.eval_seed"),
     (["device=gpu7"], "device='gpu7' is not a valid torch device"),

@@ -181,6 +181,13 @@ def validate_config(cfg: DictConfig) -> torch.device:
     for key in ("untimed_steps", "profile_steps"):
         if (trainer.get(key) or 0) < 0:
             raise ValueError(f"trainer.{key} must be >= 0, got {trainer[key]}")
+    if trainer.get("compile"):
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if (trainer.get("compile_backend") or "inductor") not in backends:
+            raise ValueError(
+                f"trainer.compile_backend={trainer.compile_backend!r} is not a torch.compile backend; "
+                f"one of: {', '.join(b for b in backends if 'TESTING' not in b)}"
+            )
     profile_steps = trainer.get("profile_steps") or 0
     if profile_steps and trainer.steps < PROFILE_WARMUP_STEPS + profile_steps:
         raise ValueError(
