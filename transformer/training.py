@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "linear", "constant")
+PROFILE_WARMUP_STEPS = 3  # training steps before torch.profiler records (trainer.profile_steps)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -401,9 +402,6 @@ def _track_backends() -> Iterator[dict[str, int]]:
         return
     with tracker() as counter:
         yield counter
-
-
-PROFILE_WARMUP_STEPS = 3
 
 
 @contextlib.contextmanager

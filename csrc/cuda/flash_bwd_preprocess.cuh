@@ -57,16 +57,17 @@ __global__ void bwd_convert_dq_kernel(const BwdParams params, int64_t n4) {
   const int D = params.head_dim;
   const int64_t per_head = int64_t(params.len_q) * D / 4;  // float4s of dq per head
   const int64_t bh = idx / per_head;
-  const int64_t in_head = (idx - bh * per_head) * 4;  // element offset of (i, c) in the head's dq
-  const float* head = params.dq_accum + bh * params.dq_accum_rows * D;
-  int64_t at;
+  float4 a;
   if constexpr (kFragments) {
+    const int64_t in_head = (idx - bh * per_head) * 4;  // element offset of (i, c) in the head's dq
     const int i = int(in_head / D), c = int(in_head % D);
-    at = (int64_t(i / 16) * (D / 8) + c / 8) * 128 + ((i % 16) / 8) * 64 + (i % 8) * 8 + c % 8;
+    const int64_t at = (int64_t(i / 16) * (D / 8) + c / 8) * 128 + ((i % 16) / 8) * 64 + (i % 8) * 8 + c % 8;
+    a = *reinterpret_cast<const float4*>(params.dq_accum + bh * params.dq_accum_rows * D + at);
   } else {
-    at = in_head;
+    // Row-major: skip the padding rows of the heads before this one.
+    const int64_t at = idx + bh * (int64_t(params.dq_accum_rows) - params.len_q) * D / 4;
+    a = reinterpret_cast<const float4*>(params.dq_accum)[at];
   }
-  const float4 a = *reinterpret_cast<const float4*>(head + at);
   const float s = params.scale;
   uint2 r;
   r.x = ElemTraits<T>::pack(a.x * s, a.y * s);
