@@ -103,7 +103,7 @@ if [[ " $stages " == *" model "* ]]; then
 fi
 if [[ " $stages " == *" sweep "* ]]; then
   mkdir -p /tmp/sweep
-  timeout 480 python3 scripts/sweep_bwd.py --head-dims 64,128 ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --out /tmp/sweep/bwd_sweep.csv > /tmp/bwd_sweep.log 2>&1
+  timeout 480 python3 scripts/sweep_bwd.py --head-dims ${SWEEP_HEAD_DIMS:-64,128} ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} --out /tmp/sweep/bwd_sweep.csv > /tmp/bwd_sweep.log 2>&1
   note "backward variants (scripts/sweep_bwd.py): rc=$?"; tail -45 /tmp/bwd_sweep.log >> "$summary"
   cp /tmp/sweep/bwd_sweep.csv "$OUT/" 2>/dev/null
 fi

@@ -123,7 +123,7 @@ struct BwdTraits {
 //   D = 32, 96: 128 keys x 64 queries, 8 warps of 16 keys (P^T, dS^T in registers); dQ on a
 //               2 x 4 warp grid (4 x 2 for D = 32). D = 32 walks a warp's S^T in two chunks of
 //               32 queries, to fit 128 registers and run 2 blocks per SM.
-//   D = 64, 128, 256: the variants below (default 3, 1, 0; variant 0 is the fallback); see
+//   D = 64, 128, 256: the variants below (default 7, 8, 0; variant 0 is the fallback); see
 //               docs/perf.md for the others and their measurements.
 template <int kHeadDim, int kVariant>
 struct BwdVariant {
@@ -144,7 +144,7 @@ struct BwdVariant<64, 2> {  // 128x128, 8 warps x 32 keys x 32 dims, P^T in smem
   using Traits = BwdTraits<64, 128, 128, 8, 4, 2, 1, 2>;
 };
 template <>
-struct BwdVariant<64, 3> {  // 64x128, 4 warps x 32 keys, S^T in 4 chunks, 2 blocks/SM (default)
+struct BwdVariant<64, 3> {  // 64x128, 4 warps x 32 keys, S^T in 4 chunks, 2 blocks/SM
   using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2>;
 };
 template <>
@@ -156,7 +156,7 @@ struct BwdVariant<64, 6> {  // variant 0 with staggered query order
   using Traits = BwdTraits<64, 64, 128, 8, 2, 1, 1, 1, false, true>;
 };
 template <>
-struct BwdVariant<64, 7> {  // variant 3 with dq_accum in fragment order
+struct BwdVariant<64, 7> {  // variant 3 with dq_accum in fragment order (default)
   using Traits = BwdTraits<64, 64, 128, 4, 4, 4, 2, 2, false, false, kDqFragments>;
 };
 
@@ -167,7 +167,7 @@ struct BwdVariant<128, 0> {  // 64x128, 8 warps x 16 keys, S^T in 2 chunks (fall
   using Traits = BwdTraits<128, 64, 128, 8, 2, 2>;
 };
 template <>
-struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem, unguarded dQ (sm_90) (default)
+struct BwdVariant<128, 1> {  // 64x128, 8 warps x 32 keys x 64 dims, P^T in smem, unguarded dQ (sm_90)
   using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2, false, false, kDqRowsUnguarded>;
 };
 template <>
@@ -190,9 +190,8 @@ template <>
 struct BwdVariant<128, 7> {  // 32x128, 8 warps x 32 keys x 64 dims, P^T in smem
   using Traits = BwdTraits<128, 32, 128, 8, 2, 1, 1, 2>;
 };
-
 template <>
-struct BwdVariant<128, 8> {  // variant 1 with dq_accum in fragment order (sm_90)
+struct BwdVariant<128, 8> {  // variant 1 with dq_accum in fragment order (sm_90) (default)
   using Traits = BwdTraits<128, 64, 128, 8, 2, 1, 1, 2, false, false, kDqFragments>;
 };
 
@@ -210,12 +209,16 @@ template <>
 struct BwdVariant<256, 2> {  // 64x64, 8 warps x 32 keys x 64 dims (sm_90)
   using Traits = BwdTraits<256, 64, 64, 8, 4, 1, 1, 2>;
 };
+template <>
+struct BwdVariant<256, 3> {  // variant 0 with dq_accum in fragment order
+  using Traits = BwdTraits<256, 32, 64, 8, 1, 1, 1, 1, false, false, kDqFragments>;
+};
 
 #ifndef FLASH_BWD_VARIANT_HDIM64
-#define FLASH_BWD_VARIANT_HDIM64 3
+#define FLASH_BWD_VARIANT_HDIM64 7
 #endif
 #ifndef FLASH_BWD_VARIANT_HDIM128
-#define FLASH_BWD_VARIANT_HDIM128 1
+#define FLASH_BWD_VARIANT_HDIM128 8
 #endif
 #ifndef FLASH_BWD_VARIANT_HDIM256
 #define FLASH_BWD_VARIANT_HDIM256 0

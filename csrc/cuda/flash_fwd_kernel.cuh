@@ -96,7 +96,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const F
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
 
-  const int m_block = blockIdx.x;
+  // Causal: the last query tiles see the most keys; they are launched first, so that the grid's
+  // last wave holds the shortest blocks.
+  const int m_block = kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
