@@ -123,7 +123,7 @@ struct BwdTraits {
 //   D = 32, 96: 128 keys x 64 queries, 8 warps of 16 keys (P^T, dS^T in registers); dQ on a
 //               2 x 4 warp grid (4 x 2 for D = 32). D = 32 walks a warp's S^T in two chunks of
 //               32 queries, to fit 128 registers and run 2 blocks per SM.
-//   D = 64, 128, 256: the variants below (default 7, 8, 0; variant 0 is the fallback); see
+//   D = 64, 128, 256: the variants below (default 7, 8, 3; variant 0 is the fallback); see
 //               docs/perf.md for the others and their measurements.
 template <int kHeadDim, int kVariant>
 struct BwdVariant {
@@ -198,7 +198,7 @@ struct BwdVariant<128, 8> {  // variant 1 with dq_accum in fragment order (sm_90
 // D = 256. Variant 0: 8 warps on 4 x 2 (16 keys x 128 dims of dK / dV each), dQ on 1 x 8; it fits
 // the 163 KB of an sm_80 block. Variants 1 and 2 need 217 KB: sm_90 only.
 template <>
-struct BwdVariant<256, 0> {  // 32x64, 8 warps x 16 keys x 128 dims (default, fallback)
+struct BwdVariant<256, 0> {  // 32x64, 8 warps x 16 keys x 128 dims (fallback)
   using Traits = BwdTraits<256, 32, 64, 8, 1>;
 };
 template <>
@@ -210,7 +210,7 @@ struct BwdVariant<256, 2> {  // 64x64, 8 warps x 32 keys x 64 dims (sm_90)
   using Traits = BwdTraits<256, 64, 64, 8, 4, 1, 1, 2>;
 };
 template <>
-struct BwdVariant<256, 3> {  // variant 0 with dq_accum in fragment order
+struct BwdVariant<256, 3> {  // variant 0 with dq_accum in fragment order (default)
   using Traits = BwdTraits<256, 32, 64, 8, 1, 1, 1, 1, false, false, kDqFragments>;
 };
 
@@ -221,7 +221,7 @@ struct BwdVariant<256, 3> {  // variant 0 with dq_accum in fragment order
 #define FLASH_BWD_VARIANT_HDIM128 8
 #endif
 #ifndef FLASH_BWD_VARIANT_HDIM256
-#define FLASH_BWD_VARIANT_HDIM256 0
+#define FLASH_BWD_VARIANT_HDIM256 3
 #endif
 
 // The tiles run_bwd launches per head dim: Traits where the device gives a block enough shared
