@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, profile (ncu)
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, profile (ncu)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -100,6 +100,24 @@ if [[ " $stages " == *" model "* ]]; then
     task.max_len=1024,8192,32768 hydra.sweep.dir=/tmp/model_level > /tmp/model_level.log 2>&1
   note "model level (train.py -m +experiment=long_context): rc=$?"
   python3 scripts/collect_metrics.py /tmp/model_level --out "$OUT/model_level" >> "$summary" 2>&1
+fi
+if [[ " $stages " == *" fwdtiles "* ]]; then
+  # Forward tile candidates for D = 64 (FwdVariant<64, v> in csrc/cuda/kernel_traits.h): each built for
+  # sm_90a in its own copy of the tree (in parallel), then timed against SDPA flash one after another.
+  for v in ${FWD_VARIANTS:-0 1 2}; do
+    dir=/tmp/fwd_variant_$v; rm -rf "$dir"; mkdir -p "$dir"
+    tar --exclude=./build --exclude='*.so' --exclude=./.whl -cf - . | tar -xf - -C "$dir"
+    sed -i "s/#define FLASH_FWD_VARIANT_HDIM64 0/#define FLASH_FWD_VARIANT_HDIM64 $v/" "$dir/csrc/cuda/kernel_traits.h"
+    ( cd "$dir" && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=6 python3 setup.py build_ext --inplace > build.log 2>&1 \
+        || { echo "build failed"; grep -E "error" build.log | head -20; } ) &
+  done
+  wait
+  for v in ${FWD_VARIANTS:-0 1 2}; do
+    dir=/tmp/fwd_variant_$v
+    ( cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py --head-dims 64 \
+        --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1
+    note "forward D = 64 variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
+  done
 fi
 if [[ " $stages " == *" sweep "* ]]; then
   mkdir -p /tmp/sweep

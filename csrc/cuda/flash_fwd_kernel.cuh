@@ -81,7 +81,7 @@ struct TileLoader {
 }  // namespace fwd_detail
 
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
-__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const FwdParams params) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_fwd_kernel(const FwdParams params) {
   using ET = ElemTraits<Element>;
   using namespace fwd_detail;
   constexpr int kBlockM = Traits::kBlockM;

@@ -18,13 +18,14 @@
 
 namespace flash {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocks_ = 1>
 struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocks = kMinBlocks_;  // blocks per SM asked of the register allocator
 
   static constexpr int kRowsPerWarp = kBlockM / kNWarps;
   static constexpr int kMFrags = kRowsPerWarp / 16;  // m16 fragments per warp
@@ -59,6 +60,30 @@ struct FwdTraits {
 //   D = 96:  128 x 64,  4 warps
 //   D = 128: 128 x 64,  4 warps
 //   D = 256: 128 x 64,  8 warps (16 rows each)
+// D = 64 candidates, picked at compile time with -DFLASH_FWD_VARIANT_HDIM64=<v>:
+//   0: 128 x 64, 4 warps of 32 rows (222 registers, 2 blocks per SM);
+//   1: 128 x 64, 8 warps of 16 rows, 2 blocks per SM (<= 128 registers: 16 warps per SM);
+//   2: 128 x 128, 8 warps of 16 rows (~200 registers, 1 block per SM).
+template <int kHeadDim, int kVariant>
+struct FwdVariant {
+  static_assert(kVariant < 0, "no forward tile variant with this number for this head dim");
+};
+template <>
+struct FwdVariant<64, 0> {
+  using Traits = FwdTraits<64, 128, 64, 4>;
+};
+template <>
+struct FwdVariant<64, 1> {
+  using Traits = FwdTraits<64, 128, 64, 8, 2>;
+};
+template <>
+struct FwdVariant<64, 2> {
+  using Traits = FwdTraits<64, 128, 128, 8>;
+};
+#ifndef FLASH_FWD_VARIANT_HDIM64
+#define FLASH_FWD_VARIANT_HDIM64 0
+#endif
+
 template <int kHeadDim>
 struct FwdConfig;
 template <>
@@ -67,7 +92,7 @@ struct FwdConfig<32> {
 };
 template <>
 struct FwdConfig<64> {
-  using Traits = FwdTraits<64, 128, 64, 4>;
+  using Traits = FwdVariant<64, FLASH_FWD_VARIANT_HDIM64>::Traits;
 };
 template <>
 struct FwdConfig<96> {
