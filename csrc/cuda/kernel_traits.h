@@ -60,10 +60,11 @@ struct FwdTraits {
 //   D = 96:  128 x 64,  4 warps
 //   D = 128: 128 x 64,  4 warps
 //   D = 256: 128 x 64,  8 warps (16 rows each)
-// D = 64 candidates, picked at compile time with -DFLASH_FWD_VARIANT_HDIM64=<v>:
-//   0: 128 x 64, 4 warps of 32 rows (222 registers, 2 blocks per SM);
-//   1: 128 x 64, 8 warps of 16 rows, 2 blocks per SM (<= 128 registers: 16 warps per SM);
-//   2: 128 x 128, 8 warps of 16 rows (~200 registers, 1 block per SM).
+// D = 64 candidates, picked at compile time with -DFLASH_FWD_VARIANT_HDIM64=<v> (timed against SDPA
+// flash by `bash scripts/gpu_check.sh fwdtiles`; H200, 2026-11-29, docs/perf.md v4):
+//   0: 128 x 64, 4 warps of 32 rows (222 registers, 2 blocks per SM): 0.98-1.08x (default);
+//   1: 128 x 64, 8 warps of 16 rows, 2 blocks per SM (<= 128 registers, 16 warps per SM): 0.89-1.01x;
+//   2: 128 x 128, 8 warps of 16 rows (~200 registers, 1 block per SM): 0.81-0.87x.
 template <int kHeadDim, int kVariant>
 struct FwdVariant {
   static_assert(kVariant < 0, "no forward tile variant with this number for this head dim");
