@@ -33,15 +33,26 @@ def include_dirs() -> list[str]:
     return [str(CSRC), str(CSRC / "cuda")]
 
 
+def builds_sm90a() -> bool:
+    """Whether the CUDA build includes sm_90a code (the default archs, or a TORCH_CUDA_ARCH_LIST naming 9.0a)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    return not archs or "9.0a" in archs.replace(" ", ";").split(";")
+
+
+def arch_defines() -> list[str]:
+    """FLASH_WITH_SM90A where the wgmma forward kernel is compiled for real (else it is a trap)."""
+    return ["-DFLASH_WITH_SM90A"] if builds_sm90a() else []
+
+
 def cxx_flags() -> list[str]:
     """-march defaults to native: the extension is built on the machine that runs it (FLASH_ATTN_CPU_ARCH overrides)."""
     arch = os.environ.get("FLASH_ATTN_CPU_ARCH", "native")
-    return ["-O3", "-fopenmp", f"-march={arch}"]  # the C++ standard is torch's own choice
+    return ["-O3", "-fopenmp", f"-march={arch}", *arch_defines()]  # the C++ standard is torch's own choice
 
 
 def nvcc_flags() -> list[str]:
     """sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST names the archs (then torch adds the -gencode flags)."""
-    flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", *arch_defines()]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         flags += DEFAULT_CUDA_ARCH_FLAGS
     return flags

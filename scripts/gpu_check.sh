@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, profile (ncu)
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, profile (ncu)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -32,6 +32,17 @@ if [[ " $stages " == *" tests "* ]]; then
     > "$OUT/tests.log" 2>&1
   note "tests: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+fi
+if [[ " $stages " == *" wgmma "* ]]; then
+  # The Hopper (wgmma) forward: its tests (both one-pass kernels of D = 64 / 128), then the forward of
+  # each kernel against SDPA flash (FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel).
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "hopper" > "$OUT/wgmma_tests.log" 2>&1
+  note "wgmma forward tests: $(tail -1 "$OUT/wgmma_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/wgmma_tests.log" | head -20
+  for w in 1 0; do
+    FLASH_ATTN_FWD_WGMMA=$w timeout 150 python3 scripts/bench_flash_cuda.py --fwd-only > "$OUT/fwd_wgmma_$w.log" 2>&1
+    note "forward, FLASH_ATTN_FWD_WGMMA=$w: rc=$?"; grep -E "^\|" "$OUT/fwd_wgmma_$w.log" >> "$summary"
+  done
 fi
 if [[ " $stages " == *" train "* ]]; then
   for backend in flash sdpa; do
@@ -102,7 +113,7 @@ if [[ " $stages " == *" model "* ]]; then
   python3 scripts/collect_metrics.py /tmp/model_level --out "$OUT/model_level" >> "$summary" 2>&1
 fi
 if [[ " $stages " == *" fwdtiles "* ]]; then
-  # Forward tile candidates for D = 64 (FwdVariant<64, v> in csrc/cuda/kernel_traits.h): each built for
+  # Forward tile candidates for D = 64 (FwdVariant<64, v> in csrc/cuda/kernel_traits.h, the mma.sync kernel): each built for
   # sm_90a in its own copy of the tree (in parallel), then timed against SDPA flash one after another.
   for v in ${FWD_VARIANTS:-0 1 2}; do
     dir=/tmp/fwd_variant_$v; rm -rf "$dir"; mkdir -p "$dir"
@@ -114,7 +125,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   wait
   for v in ${FWD_VARIANTS:-0 1 2}; do
     dir=/tmp/fwd_variant_$v
-    ( cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py --head-dims 64 \
+    ( cd "$dir" && FLASH_ATTN_FWD_WGMMA=0 PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py --head-dims 64 \
         --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1
     note "forward D = 64 variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
   done

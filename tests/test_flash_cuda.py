@@ -93,6 +93,42 @@ def test_matches_reference_within_twice_sdpa(shape, mask_kind, head_dim, dtype):
     check_against_sdpa(q, k, v, kwargs)
 
 
+def needs_hopper():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma forward runs on sm_90 devices")
+
+
+# Both one-pass forward kernels of head dims 64 and 128 on an sm_90 device: the wgmma kernel (the
+# default there) and the mma.sync kernel (FLASH_ATTN_FWD_WGMMA=0), with partial tiles of both
+# (kBlockM = kBlockN = 128 on wgmma) and several key tiles.
+@pytest.mark.parametrize("wgmma", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize(
+    "shape", [*SHAPES, (2, 2, 1, 257, 385), (1, 2, 2, 300, 129)], ids=lambda s: "x".join(map(str, s))
+)
+def test_both_forward_kernels_on_hopper(monkeypatch, wgmma, shape, mask_kind, head_dim, dtype):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", wgmma)
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")  # the one-pass kernels, not the split-KV path
+    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=hash((shape, mask_kind, wgmma)) % 2**31)
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize(("wgmma", "expected"), [("1", True), ("0", False)])
+def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, expected):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", wgmma)
+    q = torch.randn(2, 4, 512, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ab.attention(q, q, q, backend="flash", strict=True)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "flash_fwd" in e.name]
+    assert names, "no forward kernel was recorded"
+    assert any("sm90" in n for n in names) == expected, names
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [8, 16, 48, 80, 200])
 def test_other_head_dims_are_padded_to_a_kernel(head_dim, dtype):

@@ -27,6 +27,19 @@ inline int max_smem_per_block(const c10::Device& device) {
   return bytes;
 }
 
+// Compute capability major of `device` (9 on H100 / H200), asked of the runtime once per device.
+inline int compute_capability_major(const c10::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device.index());
+  if (it != cache.end()) return it->second;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  cache.emplace(device.index(), major);
+  return major;
+}
+
 // NotImplementedError, before any launch, when the kernels of `op` for this head dim need more shared
 // memory per block than the device offers.
 inline void check_smem_fits(const char* op, int64_t head_dim, int need_bytes, const c10::Device& device,

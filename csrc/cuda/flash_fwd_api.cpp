@@ -58,14 +58,35 @@ at::Tensor aligned_view_or_copy(const at::Tensor& t) {
 
 Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
 
-// The split-KV path for num_splits >= 2, else the one-pass kernel.
+// The split-KV path for num_splits >= 2, else the one-pass kernel (on wgmma where params.use_sm90).
 template <typename Element, int HeadDim>
 void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
   if (params.num_splits > 1) {
     run_fwd_split<Element, HeadDim>(params, stream);
-  } else {
-    run_fwd<Element, HeadDim>(params, stream);
+    return;
   }
+  if constexpr (HeadDim == 64 || HeadDim == 128) {
+    if (params.use_sm90) {
+      run_fwd_sm90<Element, HeadDim>(params, stream);
+      return;
+    }
+  }
+  run_fwd<Element, HeadDim>(params, stream);
+}
+
+// The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A), an sm_90 device, head dim 64 or 128,
+// and FLASH_ATTN_FWD_WGMMA not set to 0 (which keeps the mma.sync kernel, e.g. to compare the two).
+bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
+#ifdef FLASH_WITH_SM90A
+  if (head_dim != 64 && head_dim != 128) return false;
+  const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return compute_capability_major(device) == 9;
+#else
+  (void)device;
+  (void)head_dim;
+  return false;
+#endif
 }
 
 template <typename Element>
@@ -285,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634074);  // scale * log2(e)
   params.is_causal = is_causal;
+  params.use_sm90 = num_splits == 1 && use_sm90_forward(q_in.device(), D);
   params.num_splits = num_splits;
   if (num_splits > 1) {
     params.out_accum = out_accum.data_ptr<float>();

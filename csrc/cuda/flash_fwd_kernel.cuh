@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "flash_fwd_common.cuh"
 #include "flash_launch.h"
 #include "flash_params.h"
 #include "flash_utils.cuh"
@@ -23,10 +24,6 @@
 namespace flash {
 
 namespace fwd_detail {
-
-constexpr float kNegInf = -__builtin_huge_valf();
-constexpr float kPosInf = __builtin_huge_valf();
-constexpr float kLn2 = 0.69314718055994530942f;
 
 // Asynchronous copies of [kRows][kHeadDim] tiles of one (batch, head) slice from global memory
 // (row stride in elements, 16-byte aligned) to padded shared memory. Each row of 16-byte chunks
@@ -96,57 +93,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
 
-  // Causal: the last query tiles see the most keys; they are launched first, so that the grid's
-  // last wave holds the shortest blocks.
-  const int m_block = kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  const FwdBlock<Element, kIsCausal, kBlockM, kBlockN, kHeadDim> blk(params);
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane / 4;  // accumulator row within a 16-row slab (and +8)
   const int t = lane % 4;  // accumulator column pair within an n8 fragment
-
-  const int len_q = params.len_q;
-  const int len_k = params.len_k;
-  int seqlen_k = len_k;  // L: keys j >= L are invisible
-  if (params.seqlens_k != nullptr) seqlen_k = min(max(params.seqlens_k[b], 0), len_k);
-  const int diag = seqlen_k - len_q;  // causal: query i sees key j iff j <= i + diag
-
-  const int row0 = m_block * kBlockM;
+  const int b = blk.b, row0 = blk.row0, len_q = blk.len_q, len_k = blk.len_k;
+  const int seqlen_k = blk.seqlen_k, diag = blk.diag, n_block_max = blk.n_block_max;
+  const Element *q_ptr = blk.q_ptr, *k_ptr = blk.k_ptr, *v_ptr = blk.v_ptr;
+  Element* o_ptr = blk.o_ptr;
+  float* lse_ptr = blk.lse_ptr;
   if (row0 >= len_q) return;
-
-  // Number of key tiles holding at least one visible key for some row of this block.
-  int n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
-  if (kIsCausal) {
-    const int key_end = min(row0 + kBlockM, len_q) + diag;  // exclusive bound for the last row
-    n_block_max = min(n_block_max, key_end <= 0 ? 0 : (key_end + kBlockN - 1) / kBlockN);
-  }
-
-  const int h_kv = h / params.group;
-  const Element* q_ptr = static_cast<const Element*>(params.q) + b * params.q_stride.batch +
-                         h * params.q_stride.head;
-  const Element* k_ptr = static_cast<const Element*>(params.k) + b * params.k_stride.batch +
-                         h_kv * params.k_stride.head;
-  const Element* v_ptr = static_cast<const Element*>(params.v) + b * params.v_stride.batch +
-                         h_kv * params.v_stride.head;
-  const int64_t out_row_base = (static_cast<int64_t>(b) * params.heads_q + h) * len_q;
-  Element* o_ptr = static_cast<Element*>(params.out) + out_row_base * kHeadDim;
-  float* lse_ptr = params.lse + out_row_base;
-
   if (n_block_max <= 0) {
-    // No key is visible to any row of this block: O = 0, lse = +inf.
-    for (int idx = tid; idx < kBlockM * Traits::kChunksPerRow; idx += Traits::kNThreads) {
-      const int r = idx / Traits::kChunksPerRow;
-      const int c = idx % Traits::kChunksPerRow;
-      if (row0 + r < len_q) {
-        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =
-            make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-    for (int r = tid; r < kBlockM; r += Traits::kNThreads) {
-      if (row0 + r < len_q) lse_ptr[row0 + r] = kPosInf;
-    }
+    blk.write_empty_rows(tid, Traits::kNThreads);
     return;
   }
 
@@ -248,14 +208,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
       }
     }
 
-    // Scale to log2 units, then mask: keys >= L, above the causal diagonal, or padded.
-#pragma unroll
-    for (int mi = 0; mi < kMFrags; ++mi)
-#pragma unroll
-      for (int j = 0; j < kNFragsS; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[mi][j][e] *= scale_log2;
-
     // This thread's key padding bits: column 8 j + 2 t + e of the tile is bit (j % 4) * 8 + e of
     // kpm_words[j / 4].
     uint32_t kpm_words[kHasKpm ? kBlockN / 32 : 1];
@@ -265,25 +217,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
     }
     const bool need_limit_mask =
         (col0 + kBlockN > seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
-    if (kHasKpm || need_limit_mask) {
-#pragma unroll
-      for (int mi = 0; mi < kMFrags; ++mi)
-#pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          const int row = row0 + warp_row + mi * 16 + g + hi * 8;
-          int limit = seqlen_k;  // exclusive
-          if (kIsCausal) limit = min(limit, row + diag + 1);
-#pragma unroll
-          for (int j = 0; j < kNFragsS; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = col0 + j * 8 + 2 * t + e;
-              bool masked = col >= limit;
-              if (kHasKpm) masked = masked || ((kpm_words[j / 4] >> ((j % 4) * 8 + e)) & 1u);
-              if (masked) acc_s[mi][j][hi * 2 + e] = kNegInf;
-            }
-        }
-    }
+    scale_and_mask<kIsCausal, kHasKpm>(acc_s, scale_log2, col0, row0 + warp_row + g, seqlen_k, diag, t,
+                                       kpm_words, need_limit_mask);
 
     // V(n) landed; every warp is done with K(n): start copying K(n - 1).
     cp_async_wait<0>();
@@ -295,40 +230,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
       if (kHasKpm) kpm_next = fetch_kpm(col0 - kBlockN);
     }
 
-    // P in the element type: p_frag[mi][j][hi] holds columns (2t, 2t+1) of row g + 8 hi of n8
-    // fragment j, i.e. register hi of the accumulator layout's pairs.
     uint32_t p_frag[kMFrags][kNFragsS][2];
-
-    // Online softmax. A row whose running max is still -inf has seen no visible key: its exp
-    // offset is 0, so every p is exp2(-inf) = 0 and the rescale factor is 0 (never inf - inf).
-#pragma unroll
-    for (int mi = 0; mi < kMFrags; ++mi)
-#pragma unroll
-      for (int hi = 0; hi < 2; ++hi) {
-        float mx = row_max[mi][hi];
-#pragma unroll
-        for (int j = 0; j < kNFragsS; ++j) {
-          mx = fmaxf(mx, fmaxf(acc_s[mi][j][hi * 2], acc_s[mi][j][hi * 2 + 1]));
-        }
-        mx = quad_allreduce_max(mx);
-        const float offset = (mx == kNegInf) ? 0.f : mx;
-        const float alpha = fast_exp2(row_max[mi][hi] - offset);
-        row_max[mi][hi] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kNFragsS; ++j) {
-          const float p0 = fast_exp2(acc_s[mi][j][hi * 2] - offset);
-          const float p1 = fast_exp2(acc_s[mi][j][hi * 2 + 1] - offset);
-          sum += p0 + p1;
-          p_frag[mi][j][hi] = ET::pack(p0, p1);
-        }
-        row_sum[mi][hi] = row_sum[mi][hi] * alpha + sum;
-#pragma unroll
-        for (int d = 0; d < kNFragsO; ++d) {
-          acc_o[mi][d][hi * 2] *= alpha;
-          acc_o[mi][d][hi * 2 + 1] *= alpha;
-        }
-      }
+    online_softmax<ET>(acc_s, acc_o, row_max, row_sum, p_frag);
 
     // O += P V: P of n8 fragments 2 kk and 2 kk + 1 forms the A fragment of k-step kk.
 #pragma unroll
@@ -359,13 +262,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
   for (int mi = 0; mi < kMFrags; ++mi)
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
-      const float l = quad_allreduce_sum(row_sum[mi][hi]);
-      const bool empty = !(l > 0.f);
-      const float inv = empty ? 0.f : 1.f / l;
+      float lse;
+      const float inv = finish_row(row_sum[mi][hi], row_max[mi][hi], &lse);
       const int row_local = warp_row + mi * 16 + g + hi * 8;
-      if (t == 0 && row0 + row_local < len_q) {
-        lse_ptr[row0 + row_local] = empty ? kPosInf : (row_max[mi][hi] + __log2f(l)) * kLn2;
-      }
+      if (t == 0 && row0 + row_local < len_q) lse_ptr[row0 + row_local] = lse;
       Element* srow = sQ + row_local * kPitch + 2 * t;
 #pragma unroll
       for (int d = 0; d < kNFragsO; ++d) {

@@ -11,6 +11,10 @@ namespace flash {
 template <typename Element, int HeadDim>
 void run_fwd(const FwdParams& params, cudaStream_t stream);
 
+// The same forward on Hopper's warpgroup MMAs (sm_90a builds, sm_90 devices; head dims 64 and 128).
+template <typename Element, int HeadDim>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+
 // Split-KV forward (params.num_splits >= 2): the split kernel, then the merge into out and lse.
 template <typename Element, int HeadDim>
 void run_fwd_split(const FwdParams& params, cudaStream_t stream);

@@ -108,6 +108,48 @@ struct FwdConfig<256> {
   using Traits = FwdTraits<256, 128, 64, 8>;
 };
 
+// Hopper forward kernel (flash_fwd_sm90_kernel.cuh, sm_90a): S = Q K^T and O += P V on wgmma.
+// kBlockM query rows = kBlockM / 64 warpgroups of 64 rows (16 per warp, the accumulator layout of the
+// mma.sync kernel with one m16 slab), key tiles of kBlockN keys. Q, K and V tiles live in shared memory
+// with the 128-byte swizzle (wgmma.cuh): a tile of R rows is D / 64 column blocks of R x 128 bytes.
+//   sQ [kBlockM x D], sK [kBlockN x D], sV [kBlockN x D], key padding bits (kBlockN / 32 words).
+// Q and K are the K-major operands of S; V is the MN-major B operand of O += P V, P in registers.
+template <int kHeadDim_, int kBlockM_, int kBlockN_>
+struct FwdSm90Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kBlockM / 16;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kNFragsS = kBlockN / 8;   // n8 fragments of S per thread
+  static constexpr int kNFragsO = kHeadDim / 8;  // n8 fragments of O per thread
+  static constexpr int kKStepsQK = kHeadDim / 16;
+  static constexpr int kKStepsPV = kBlockN / 16;
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+
+  static constexpr int kOffK = kBlockM * kHeadDim * 2;
+  static constexpr int kOffV = kOffK + kBlockN * kHeadDim * 2;
+  static constexpr int kOffMask = kOffV + kBlockN * kHeadDim * 2;
+  static constexpr int kSmemBytes = kOffMask + 16 * ((kBlockN / 32 * 4 + 15) / 16);
+
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
+  static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
+  static_assert(kBlockM % 64 == 0 && kNThreads <= 1024, "whole warpgroups of 64 rows");
+  static_assert(kBlockN <= kNThreads, "one thread per key fetches the key padding byte");
+  static_assert(kOffK % 1024 == 0 && kOffV % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
+};
+
+template <int kHeadDim>
+struct FwdSm90Config;
+template <>
+struct FwdSm90Config<64> {
+  using Traits = FwdSm90Traits<64, 128, 128>;
+};
+template <>
+struct FwdSm90Config<128> {
+  using Traits = FwdSm90Traits<128, 128, 128>;
+};
+
 // Split-KV forward kernel (flash_fwd_split_kernel.cuh), made for decoding: few query rows, many keys.
 //
 // A block computes kBlockM = 16 packed rows (the query heads of one key/value head times the queries,

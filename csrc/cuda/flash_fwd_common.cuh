@@ -1,0 +1,159 @@
+// What the one-pass forward kernels (mma.sync and wgmma) share: the block's rows, keys and pointers,
+// and the score tile's masking and online softmax on the accumulator layout both use: per thread float acc_s[kMFrags][kNFragsS][4], m16 slab mi, n8 fragment
+// j, registers (row g: 0, 1; row g + 8: 2, 3) at columns 8 j + 2 t (+1); see flash_utils.cuh.
+#pragma once
+
+#include <cstdint>
+
+#include "flash_params.h"
+#include "flash_utils.cuh"
+
+namespace flash {
+namespace fwd_detail {
+
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kPosInf = __builtin_huge_valf();
+constexpr float kLn2 = 0.69314718055994530942f;
+
+// One block's query rows [row0, row0 + kBlockM) of (batch b, query head h): the visible keys, the
+// number of key tiles to visit and the pointers of its slices. Causal grids run their query tiles in
+// reverse (the last tiles see the most keys; launched first, the grid's last wave holds the shortest).
+template <typename Element, bool kIsCausal, int kBlockM, int kBlockN, int kHeadDim>
+struct FwdBlock {
+  int b, h, row0;
+  int len_q, len_k;
+  int seqlen_k;     // L: keys j >= L are invisible
+  int diag;         // causal: query i sees key j iff j <= i + diag
+  int n_block_max;  // key tiles holding at least one visible key for some row of this block
+  const Element* q_ptr;
+  const Element* k_ptr;
+  const Element* v_ptr;
+  Element* o_ptr;
+  float* lse_ptr;
+
+  __device__ __forceinline__ explicit FwdBlock(const FwdParams& params) {
+    const int m_block = kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+    h = blockIdx.y;
+    b = blockIdx.z;
+    len_q = params.len_q;
+    len_k = params.len_k;
+    seqlen_k = len_k;
+    if (params.seqlens_k != nullptr) seqlen_k = min(max(params.seqlens_k[b], 0), len_k);
+    diag = seqlen_k - len_q;
+    row0 = m_block * kBlockM;
+    n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
+    if (kIsCausal) {
+      const int key_end = min(row0 + kBlockM, len_q) + diag;  // exclusive bound for the last row
+      n_block_max = min(n_block_max, key_end <= 0 ? 0 : (key_end + kBlockN - 1) / kBlockN);
+    }
+    const int h_kv = h / params.group;
+    q_ptr = static_cast<const Element*>(params.q) + b * params.q_stride.batch + h * params.q_stride.head;
+    k_ptr = static_cast<const Element*>(params.k) + b * params.k_stride.batch + h_kv * params.k_stride.head;
+    v_ptr = static_cast<const Element*>(params.v) + b * params.v_stride.batch + h_kv * params.v_stride.head;
+    const int64_t out_row_base = (static_cast<int64_t>(b) * params.heads_q + h) * len_q;
+    o_ptr = static_cast<Element*>(params.out) + out_row_base * kHeadDim;
+    lse_ptr = params.lse + out_row_base;
+  }
+
+  // No key is visible to any row of this block: O = 0, lse = +inf.
+  __device__ __forceinline__ void write_empty_rows(int tid, int n_threads) const {
+    constexpr int kChunksPerRow = kHeadDim / 8;
+    for (int idx = tid; idx < kBlockM * kChunksPerRow; idx += n_threads) {
+      const int r = idx / kChunksPerRow;
+      const int c = idx % kChunksPerRow;
+      if (row0 + r < len_q) {
+        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =
+            make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    for (int r = tid; r < kBlockM; r += n_threads) {
+      if (row0 + r < len_q) lse_ptr[row0 + r] = kPosInf;
+    }
+  }
+};
+
+// Scales S to log2 units, then sets -inf where a key is invisible: column col0 + 8 j + 2 t + e of
+// row `row_base + 16 mi + 8 hi` is masked when it is >= seqlen_k, above the causal diagonal
+// (col > row + diag), or padded (bit (j % 4) * 8 + e of kpm_words[j / 4], already shifted by 2 t).
+// need_limit_mask: some column of the tile reaches seqlen_k or the diagonal.
+template <bool kIsCausal, bool kHasKpm, int kMFrags, int kNFragsS>
+__device__ __forceinline__ void scale_and_mask(float (&acc_s)[kMFrags][kNFragsS][4], float scale_log2, int col0,
+                                               int row_base, int seqlen_k, int diag, int t,
+                                               const uint32_t* kpm_words, bool need_limit_mask) {
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+    for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[mi][j][e] *= scale_log2;
+  if (kHasKpm || need_limit_mask) {
+#pragma unroll
+    for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        const int row = row_base + mi * 16 + hi * 8;
+        int limit = seqlen_k;  // exclusive
+        if (kIsCausal) limit = min(limit, row + diag + 1);
+#pragma unroll
+        for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = col0 + j * 8 + 2 * t + e;
+            bool masked = col >= limit;
+            if (kHasKpm) masked = masked || ((kpm_words[j / 4] >> ((j % 4) * 8 + e)) & 1u);
+            if (masked) acc_s[mi][j][hi * 2 + e] = kNegInf;
+          }
+      }
+  }
+}
+
+// Online softmax of one score tile: updates the running max (log2 units) and the thread-partial row
+// sums, rescales O, and writes P in the element type: p_frag[mi][j][hi] holds columns (2t, 2t+1) of
+// row g + 8 hi of n8 fragment j. A row whose running max is still -inf has seen no visible key: its exp
+// offset is 0, so every p is exp2(-inf) = 0 and the rescale factor is 0 (never inf - inf).
+template <typename ET, int kMFrags, int kNFragsS, int kNFragsO>
+__device__ __forceinline__ void online_softmax(float (&acc_s)[kMFrags][kNFragsS][4],
+                                               float (&acc_o)[kMFrags][kNFragsO][4], float (&row_max)[kMFrags][2],
+                                               float (&row_sum)[kMFrags][2],
+                                               uint32_t (&p_frag)[kMFrags][kNFragsS][2]) {
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      float mx = row_max[mi][hi];
+#pragma unroll
+      for (int j = 0; j < kNFragsS; ++j) {
+        mx = fmaxf(mx, fmaxf(acc_s[mi][j][hi * 2], acc_s[mi][j][hi * 2 + 1]));
+      }
+      mx = quad_allreduce_max(mx);
+      const float offset = (mx == kNegInf) ? 0.f : mx;
+      const float alpha = fast_exp2(row_max[mi][hi] - offset);
+      row_max[mi][hi] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNFragsS; ++j) {
+        const float p0 = fast_exp2(acc_s[mi][j][hi * 2] - offset);
+        const float p1 = fast_exp2(acc_s[mi][j][hi * 2 + 1] - offset);
+        sum += p0 + p1;
+        p_frag[mi][j][hi] = ET::pack(p0, p1);
+      }
+      row_sum[mi][hi] = row_sum[mi][hi] * alpha + sum;
+#pragma unroll
+      for (int d = 0; d < kNFragsO; ++d) {
+        acc_o[mi][d][hi * 2] *= alpha;
+        acc_o[mi][d][hi * 2 + 1] *= alpha;
+      }
+    }
+}
+
+// The end of a row: 1 / l (0 for a row without any visible key) and its lse (natural log; +inf for such
+// a row). `partial_sum` is this thread's part of the row sum.
+__device__ __forceinline__ float finish_row(float partial_sum, float row_max, float* lse) {
+  const float l = quad_allreduce_sum(partial_sum);
+  const bool empty = !(l > 0.f);
+  *lse = empty ? kPosInf : (row_max + __log2f(l)) * kLn2;
+  return empty ? 0.f : 1.f / l;
+}
+
+}  // namespace fwd_detail
+}  // namespace flash

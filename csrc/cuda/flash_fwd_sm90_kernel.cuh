@@ -1,0 +1,258 @@
+// Hopper forward kernel (sm_90a): the FlashAttention-2 loop of flash_fwd_kernel.cuh with both matrix
+// products on warpgroup MMAs (wgmma.cuh) instead of mma.sync, and its launcher run_fwd_sm90.
+//
+// One block: kBlockM query rows of one (batch, query head), kBlockM / 64 warpgroups of 64 rows. Key
+// tiles are visited from the last visible one down to the first, as in the mma.sync kernel, with the
+// same two-barrier pipeline: the copy of V(n) overlaps S = Q K(n)^T, the copy of K(n - 1) overlaps the
+// softmax and O += P V(n). Per tile and warpgroup:
+//   S (64 x kBlockN) = Q K^T: kKStepsQK wgmma, Q and K from swizzled shared memory (K-major);
+//   mask and online softmax on the accumulators (flash_fwd_common.cuh: the layout is mma.sync's);
+//   O (64 x D) += P V: kKStepsPV wgmma, P from registers, V from shared memory (MN-major).
+// Compiled to a trap for other targets; run_fwd_sm90 is only called on sm_90 devices of a build that
+// includes sm_90a (FLASH_WITH_SM90A, see flash_fwd_api.cpp).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "flash_fwd_common.cuh"
+#include "flash_launch.h"
+#include "flash_params.h"
+#include "flash_utils.cuh"
+#include "kernel_traits.h"
+#include "static_switch.h"
+#include "wgmma.cuh"
+
+namespace flash {
+
+namespace sm90 {
+
+// cp.async of rows [row_begin, row_begin + kRows) of one (batch, head) slice (row stride in elements)
+// into a swizzled tile; rows at or past rows_valid are zero-filled and read nothing. Consecutive threads
+// copy consecutive 16-byte chunks of a row (whole 32-byte sectors; conflict-free smem writes).
+template <int kRows, int kHeadDim, int kThreads, typename Element>
+__device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* slice, int64_t row_stride,
+                                          int row_begin, int rows_valid, int tid, const void* fallback) {
+  constexpr int kCpr = kHeadDim / 8;
+  static_assert((kRows * kCpr) % kThreads == 0, "tile copy splits evenly");
+#pragma unroll
+  for (int i = 0; i < kRows * kCpr / kThreads; ++i) {
+    const int idx = i * kThreads + tid;
+    const int r = idx / kCpr;
+    const int c = idx % kCpr;
+    const bool pred = r < rows_valid;
+    const Element* src = slice + static_cast<int64_t>(row_begin + r) * row_stride + c * 8;
+    cp_async_16(smem_tile + swizzled_offset(r, c, kRows), pred ? static_cast<const void*>(src) : fallback, pred);
+  }
+}
+
+template <typename Element, int N>
+__device__ __forceinline__ void mma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (N == 128) {
+    wgmma_ss_n128<Element>(d, desc_a, desc_b, 1);
+  } else {
+    wgmma_ss_n64<Element>(d, desc_a, desc_b, 1);
+  }
+}
+
+template <typename Element, int N>
+__device__ __forceinline__ void mma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (N == 128) {
+    wgmma_rs_n128<Element>(d, a, desc_b, 1);
+  } else {
+    wgmma_rs_n64<Element>(d, a, desc_b, 1);
+  }
+}
+
+}  // namespace sm90
+
+template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(const FwdParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using ET = ElemTraits<Element>;
+  using namespace fwd_detail;
+  using namespace sm90;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kNFragsS = Traits::kNFragsS;
+  constexpr int kNFragsO = Traits::kNFragsO;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+
+  const FwdBlock<Element, kIsCausal, kBlockM, kBlockN, kHeadDim> blk(params);
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int wg = warp / 4;  // warpgroup: rows [64 wg, 64 wg + 64) of the block
+  const int row0 = blk.row0, len_q = blk.len_q, len_k = blk.len_k;
+  if (row0 >= len_q) return;
+  if (blk.n_block_max <= 0) {
+    blk.write_empty_rows(tid, kNThreads);
+    return;
+  }
+
+  const uint32_t sQ = smem_u32(smem_raw);
+  const uint32_t sK = sQ + Traits::kOffK;
+  const uint32_t sV = sQ + Traits::kOffV;
+  uint32_t* sMaskBits = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffMask);
+
+  int n_block = blk.n_block_max - 1;
+  load_tile<kBlockM, kHeadDim, kNThreads>(sQ, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid, params.q);
+  cp_async_commit();
+  load_tile<kBlockN, kHeadDim, kNThreads>(sK, blk.k_ptr, params.k_stride.row, n_block * kBlockN,
+                                          len_k - n_block * kBlockN, tid, params.k);
+  cp_async_commit();
+
+  float acc_o[1][kNFragsO][4];
+#pragma unroll
+  for (int d = 0; d < kNFragsO; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][d][e] = 0.f;
+  float row_max[1][2] = {{kNegInf, kNegInf}};
+  float row_sum[1][2] = {{0.f, 0.f}};
+
+  // Key padding bits, fetched one tile ahead as in the mma.sync kernel.
+  const unsigned char* kpm_row = nullptr;
+  unsigned char kpm_next = 0;
+  auto fetch_kpm = [&](int col0) -> unsigned char {
+    const int col = col0 + tid;
+    return (tid < kBlockN && col < len_k) ? __ldg(kpm_row + col) : static_cast<unsigned char>(0);
+  };
+  if (kHasKpm) {
+    kpm_row = reinterpret_cast<const unsigned char*>(params.key_padding_mask) +
+              blk.b * params.key_padding_mask_batch_stride;
+    kpm_next = fetch_kpm(n_block * kBlockN);
+  }
+
+  // Descriptor start addresses: this warpgroup's 64 rows of Q, the K tile, the V tile.
+  const uint32_t q_wg = sQ + wg * 64 * 128;
+  constexpr uint32_t kSbo = 8 * 128;            // 8 rows of 128 bytes
+  constexpr uint32_t kQBlock = kBlockM * 128;   // next 64 columns of Q
+  constexpr uint32_t kKVBlock = kBlockN * 128;  // next 64 columns of K / V
+
+  for (; n_block >= 0; --n_block) {
+    const int col0 = n_block * kBlockN;
+    if (kHasKpm) {
+      const uint32_t bits = __ballot_sync(0xffffffffu, kpm_next != 0);
+      if (lane == 0 && warp < kBlockN / 32) sMaskBits[warp] = bits;
+    }
+
+    // K(n) (and Q) landed; every warpgroup is done with V(n + 1): start copying V(n).
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    load_tile<kBlockN, kHeadDim, kNThreads>(sV, blk.v_ptr, params.v_stride.row, col0, len_k - col0, tid, params.v);
+    cp_async_commit();
+
+    // S = Q K^T.
+    float acc_s[1][kNFragsS][4];
+#pragma unroll
+    for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[0][j][e] = 0.f;
+    fence_accumulator(acc_s[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
+      const uint32_t k_off = (kk % 4) * 32;  // k16 steps inside a 128-byte row
+      mma_ss<Element, kBlockN>(acc_s[0], make_desc(q_wg + (kk / 4) * kQBlock + k_off, 16, kSbo),
+                               make_desc(sK + (kk / 4) * kKVBlock + k_off, 16, kSbo));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulator(acc_s[0]);
+
+    uint32_t kpm_words[kHasKpm ? kBlockN / 32 : 1];
+    if (kHasKpm) {
+#pragma unroll
+      for (int w = 0; w < kBlockN / 32; ++w) kpm_words[w] = sMaskBits[w] >> (2 * t);
+    }
+    const bool need_limit_mask =
+        (col0 + kBlockN > blk.seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + blk.diag);
+    scale_and_mask<kIsCausal, kHasKpm>(acc_s, params.scale_log2, col0, row0 + warp * 16 + g, blk.seqlen_k,
+                                       blk.diag, t, kpm_words, need_limit_mask);
+
+    // V(n) landed; every warpgroup is done with K(n): start copying K(n - 1).
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (n_block > 0) {
+      load_tile<kBlockN, kHeadDim, kNThreads>(sK, blk.k_ptr, params.k_stride.row, col0 - kBlockN,
+                                              len_k - (col0 - kBlockN), tid, params.k);
+      cp_async_commit();
+      if (kHasKpm) kpm_next = fetch_kpm(col0 - kBlockN);
+    }
+
+    uint32_t p_frag[1][kNFragsS][2];
+    online_softmax<ET>(acc_s, acc_o, row_max, row_sum, p_frag);
+
+    // O += P V: P of n8 fragments 2 kk and 2 kk + 1 is the A fragment of k-step kk (16 keys).
+    fence_accumulator(acc_o[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Traits::kKStepsPV; ++kk) {
+      const uint32_t pa[4] = {p_frag[0][2 * kk][0], p_frag[0][2 * kk][1], p_frag[0][2 * kk + 1][0],
+                              p_frag[0][2 * kk + 1][1]};
+      mma_rs<Element, kHeadDim>(acc_o[0], pa, make_desc(sV + kk * 16 * 128, kKVBlock, kSbo));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulator(acc_o[0]);
+  }
+
+  // Epilogue: normalise, write lse, stage O in this warp's rows of sQ (same swizzle; n8 fragment d is
+  // chunk d of the row), then 16-byte row stores.
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    float lse;
+    const float inv = finish_row(row_sum[0][hi], row_max[0][hi], &lse);
+    const int row_local = warp * 16 + g + hi * 8;
+    if (t == 0 && row0 + row_local < len_q) blk.lse_ptr[row0 + row_local] = lse;
+#pragma unroll
+    for (int d = 0; d < kNFragsO; ++d) {
+      *reinterpret_cast<uint32_t*>(smem_raw + swizzled_offset(row_local, d, kBlockM) + 4 * t) =
+          ET::pack(acc_o[0][d][hi * 2] * inv, acc_o[0][d][hi * 2 + 1] * inv);
+    }
+  }
+  __syncthreads();
+  constexpr int kOutChunks = kBlockM * Traits::kChunksPerRow;
+  static_assert(kOutChunks % kNThreads == 0, "output copy splits evenly");
+#pragma unroll
+  for (int i = 0; i < kOutChunks / kNThreads; ++i) {
+    const int idx = i * kNThreads + tid;
+    const int r = idx / Traits::kChunksPerRow;
+    const int c = idx % Traits::kChunksPerRow;
+    if (row0 + r < len_q) {
+      *reinterpret_cast<uint4*>(blk.o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =
+          *reinterpret_cast<const uint4*>(smem_raw + swizzled_offset(r, c, kBlockM));
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_90a only; never launched on other devices (see run_fwd_sm90)
+#endif
+}
+
+// Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device.
+template <typename Element, int HeadDim>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  using Traits = typename FwdSm90Config<HeadDim>::Traits;
+  const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const dim3 grid(num_m_blocks, params.heads_q, params.batch);
+  constexpr int kSmem = Traits::kSmemBytes;
+  BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+    BOOL_SWITCH(params.key_padding_mask != nullptr, kHasKpm, [&] {
+      auto kernel = &flash_fwd_sm90_kernel<Traits, Element, kIsCausal, kHasKpm>;
+      if (kSmem > 48 * 1024) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      }
+      kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+    });
+  });
+}
+
+}  // namespace flash
