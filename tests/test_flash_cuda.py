@@ -98,9 +98,9 @@ def needs_hopper():
         pytest.skip("the wgmma forward runs on sm_90 devices")
 
 
-# Both one-pass forward kernels of head dims 64 and 128 on an sm_90 device: the wgmma kernel (the
-# default there) and the mma.sync kernel (FLASH_ATTN_FWD_WGMMA=0), with partial tiles of both
-# (kBlockM = kBlockN = 128 on wgmma) and several key tiles.
+# Both one-pass forward kernels of head dims 64 and 128 on an sm_90 device: the wgmma kernel
+# (FLASH_ATTN_FWD_WGMMA=1; the default there for D = 128) and the mma.sync kernel (=0), with partial
+# tiles of both (kBlockM = kBlockN = 128 on wgmma) and several key tiles.
 @pytest.mark.parametrize("wgmma", ["0", "1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -116,11 +116,18 @@ def test_both_forward_kernels_on_hopper(monkeypatch, wgmma, shape, mask_kind, he
     check_against_sdpa(q, k, v, kwargs)
 
 
-@pytest.mark.parametrize(("wgmma", "expected"), [("1", True), ("0", False)])
-def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, expected):
+@pytest.mark.parametrize(
+    ("wgmma", "head_dim", "expected"),
+    [(None, 128, True), ("0", 128, False), (None, 64, False), ("1", 64, True)],
+)
+def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, head_dim, expected):
     needs_hopper()
-    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", wgmma)
-    q = torch.randn(2, 4, 512, 128, device="cuda", dtype=torch.bfloat16)
+    if wgmma is None:
+        monkeypatch.delenv("FLASH_ATTN_FWD_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", wgmma)
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    q = torch.randn(2, 4, 512, head_dim, device="cuda", dtype=torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         ab.attention(q, q, q, backend="flash", strict=True)
         torch.cuda.synchronize()

@@ -74,13 +74,16 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
   run_fwd<Element, HeadDim>(params, stream);
 }
 
-// The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A), an sm_90 device, head dim 64 or 128,
-// and FLASH_ATTN_FWD_WGMMA not set to 0 (which keeps the mma.sync kernel, e.g. to compare the two).
+// The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A) and an sm_90 device. By default for
+// head dim 128 only (on the H200 it is 1.10-1.30x SDPA flash there, while at D = 64 the mma.sync kernel
+// is faster: docs/perf.md, v5). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel everywhere, =1 takes
+// the wgmma kernel for D = 64 too (to compare the two).
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
 #ifdef FLASH_WITH_SM90A
-  if (head_dim != 64 && head_dim != 128) return false;
   const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const bool off = env != nullptr && std::strcmp(env, "0") == 0;
+  const bool all = env != nullptr && std::strcmp(env, "1") == 0;
+  if (off || !(head_dim == 128 || (all && head_dim == 64))) return false;
   return compute_capability_major(device) == 9;
 #else
   (void)device;
