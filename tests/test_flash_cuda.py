@@ -136,6 +136,14 @@ def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, hea
     assert any("sm90" in n for n in names) == expected, names
 
 
+def test_bad_wgmma_switch_raises_before_launch(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", "yes")
+    q = torch.randn(1, 2, 16, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FLASH_ATTN_FWD_WGMMA"):
+        torch.ops.flash_attn.fwd(q, q, q, None, None, 0.125, False)
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [8, 16, 48, 80, 200])
 def test_other_head_dims_are_padded_to_a_kernel(head_dim, dtype):

@@ -79,10 +79,14 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
 // is faster: docs/perf.md, v5). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel everywhere, =1 takes
 // the wgmma kernel for D = 64 too (to compare the two).
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
-#ifdef FLASH_WITH_SM90A
   const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
-  const bool off = env != nullptr && std::strcmp(env, "0") == 0;
-  const bool all = env != nullptr && std::strcmp(env, "1") == 0;
+  const bool set = env != nullptr && *env != '\0';
+  FLASH_CHECK_VALUE(!set || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0, kOp,
+                    ": expected the environment variable FLASH_ATTN_FWD_WGMMA to be 0 or 1 (or unset), got '",
+                    set ? env : "", "'");
+#ifdef FLASH_WITH_SM90A
+  const bool off = set && env[0] == '0';
+  const bool all = set && env[0] == '1';
   if (off || !(head_dim == 128 || (all && head_dim == 64))) return false;
   return compute_capability_major(device) == 9;
 #else
@@ -309,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634074);  // scale * log2(e)
   params.is_causal = is_causal;
-  params.use_sm90 = num_splits == 1 && use_sm90_forward(q_in.device(), D);
+  params.use_sm90 = use_sm90_forward(q_in.device(), D) && num_splits == 1;  // checks the switch every call
   params.num_splits = num_splits;
   if (num_splits > 1) {
     params.out_accum = out_accum.data_ptr<float>();
