@@ -10,34 +10,33 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <utility>
 
 namespace flash {
 
-// Opt-in shared memory per block of `device`, in bytes (227 KB on sm_90, 163 KB on sm_80, 99 KB on
-// sm_86 / sm_89). Asked of the runtime once per device, then cached: every attention call reads it.
-inline int max_smem_per_block(const c10::Device& device) {
+// An attribute of `device`, asked of the runtime once per (device, attribute), then cached: every
+// attention call reads some.
+inline int cached_device_attribute(const c10::Device& device, cudaDeviceAttr attr) {
   static std::mutex mutex;
-  static std::map<int, int> cache;
+  static std::map<std::pair<int, int>, int> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device.index());
+  const std::pair<int, int> key{device.index(), static_cast<int>(attr)};
+  auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
-  cache.emplace(device.index(), bytes);
-  return bytes;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device.index()));
+  cache.emplace(key, value);
+  return value;
 }
 
-// Compute capability major of `device` (9 on H100 / H200), asked of the runtime once per device.
+// Opt-in shared memory per block, in bytes (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89).
+inline int max_smem_per_block(const c10::Device& device) {
+  return cached_device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
+// Compute capability major (9 on H100 / H200).
 inline int compute_capability_major(const c10::Device& device) {
-  static std::mutex mutex;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(device.index());
-  if (it != cache.end()) return it->second;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
-  cache.emplace(device.index(), major);
-  return major;
+  return cached_device_attribute(device, cudaDevAttrComputeCapabilityMajor);
 }
 
 // NotImplementedError, before any launch, when the kernels of `op` for this head dim need more shared

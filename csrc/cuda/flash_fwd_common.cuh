@@ -3,10 +3,14 @@
 // j, registers (row g: 0, 1; row g + 8: 2, 3) at columns 8 j + 2 t (+1); see flash_utils.cuh.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "flash_params.h"
 #include "flash_utils.cuh"
+#include "static_switch.h"
 
 namespace flash {
 namespace fwd_detail {
@@ -156,4 +160,25 @@ __device__ __forceinline__ float finish_row(float partial_sum, float row_max, fl
 }
 
 }  // namespace fwd_detail
+
+// Launches a one-pass forward kernel with tiles Traits on the grid (query tiles, Hq, B);
+// kernel_of(std::bool_constant<kIsCausal>, std::bool_constant<kHasKpm>) names the instantiation.
+// Requirements checked by the caller: B, Hq <= 65535, len_q, len_k < 2^31, q/k/v base pointers and
+// batch/head/row strides 16-byte aligned.
+template <typename Traits, typename KernelOf>
+void launch_one_pass_fwd(const FwdParams& params, cudaStream_t stream, KernelOf kernel_of) {
+  const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const dim3 grid(num_m_blocks, params.heads_q, params.batch);
+  constexpr int kSmem = Traits::kSmemBytes;
+  BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
+    BOOL_SWITCH(params.key_padding_mask != nullptr, kHasKpm, [&] {
+      auto kernel = kernel_of(std::bool_constant<kIsCausal>{}, std::bool_constant<kHasKpm>{});
+      if (kSmem > 48 * 1024) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      }
+      kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+    });
+  });
+}
+
 }  // namespace flash

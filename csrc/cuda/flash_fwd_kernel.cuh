@@ -19,7 +19,6 @@
 #include "flash_params.h"
 #include "flash_utils.cuh"
 #include "kernel_traits.h"
-#include "static_switch.h"
 
 namespace flash {
 
@@ -288,22 +287,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
   }
 }
 
-// Launcher: grid (query tiles, Hq, B). Requirements checked by the caller: B, Hq <= 65535,
-// len_q, len_k < 2^31, q/k/v base pointers and batch/head/row strides 16-byte aligned.
+// Launcher (launch_one_pass_fwd in flash_fwd_common.cuh states what the caller checks).
 template <typename Element, int HeadDim>
 void run_fwd(const FwdParams& params, cudaStream_t stream) {
   using Traits = typename FwdConfig<HeadDim>::Traits;
-  const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const dim3 grid(num_m_blocks, params.heads_q, params.batch);
-  constexpr int kSmem = Traits::kSmemBytes;
-  BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-    BOOL_SWITCH(params.key_padding_mask != nullptr, kHasKpm, [&] {
-      auto kernel = &flash_fwd_kernel<Traits, Element, kIsCausal, kHasKpm>;
-      if (kSmem > 48 * 1024) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      }
-      kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
-    });
+  launch_one_pass_fwd<Traits>(params, stream, [](auto causal, auto kpm) {
+    return &flash_fwd_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
   });
 }
 

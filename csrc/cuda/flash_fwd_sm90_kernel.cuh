@@ -21,7 +21,6 @@
 #include "flash_params.h"
 #include "flash_utils.cuh"
 #include "kernel_traits.h"
-#include "static_switch.h"
 #include "wgmma.cuh"
 
 namespace flash {
@@ -44,24 +43,6 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* sli
     const bool pred = r < rows_valid;
     const Element* src = slice + static_cast<int64_t>(row_begin + r) * row_stride + c * 8;
     cp_async_16(smem_tile + swizzled_offset(r, c, kRows), pred ? static_cast<const void*>(src) : fallback, pred);
-  }
-}
-
-template <typename Element, int N>
-__device__ __forceinline__ void mma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (N == 128) {
-    wgmma_ss_n128<Element>(d, desc_a, desc_b, 1);
-  } else {
-    wgmma_ss_n64<Element>(d, desc_a, desc_b, 1);
-  }
-}
-
-template <typename Element, int N>
-__device__ __forceinline__ void mma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (N == 128) {
-    wgmma_rs_n128<Element>(d, a, desc_b, 1);
-  } else {
-    wgmma_rs_n64<Element>(d, a, desc_b, 1);
   }
 }
 
@@ -160,8 +141,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
 #pragma unroll
     for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
       const uint32_t k_off = (kk % 4) * 32;  // k16 steps inside a 128-byte row
-      mma_ss<Element, kBlockN>(acc_s[0], make_desc(q_wg + (kk / 4) * kQBlock + k_off, 16, kSbo),
-                               make_desc(sK + (kk / 4) * kKVBlock + k_off, 16, kSbo));
+      wgmma_ss<Element, kBlockN>(acc_s[0], make_desc(q_wg + (kk / 4) * kQBlock + k_off, 16, kSbo),
+                                 make_desc(sK + (kk / 4) * kKVBlock + k_off, 16, kSbo), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -198,7 +179,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
     for (int kk = 0; kk < Traits::kKStepsPV; ++kk) {
       const uint32_t pa[4] = {p_frag[0][2 * kk][0], p_frag[0][2 * kk][1], p_frag[0][2 * kk + 1][0],
                               p_frag[0][2 * kk + 1][1]};
-      mma_rs<Element, kHeadDim>(acc_o[0], pa, make_desc(sV + kk * 16 * 128, kKVBlock, kSbo));
+      wgmma_rs<Element, kHeadDim>(acc_o[0], pa, make_desc(sV + kk * 16 * 128, kKVBlock, kSbo), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -241,17 +222,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
 template <typename Element, int HeadDim>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = typename FwdSm90Config<HeadDim>::Traits;
-  const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const dim3 grid(num_m_blocks, params.heads_q, params.batch);
-  constexpr int kSmem = Traits::kSmemBytes;
-  BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-    BOOL_SWITCH(params.key_padding_mask != nullptr, kHasKpm, [&] {
-      auto kernel = &flash_fwd_sm90_kernel<Traits, Element, kIsCausal, kHasKpm>;
-      if (kSmem > 48 * 1024) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      }
-      kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
-    });
+  launch_one_pass_fwd<Traits>(params, stream, [](auto causal, auto kpm) {
+    return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
   });
 }
 
