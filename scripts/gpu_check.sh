@@ -115,21 +115,33 @@ if [[ " $stages " == *" model "* ]]; then
   python3 scripts/collect_metrics.py /tmp/model_level --out "$OUT/model_level" >> "$summary" 2>&1
 fi
 if [[ " $stages " == *" fwdtiles "* ]]; then
-  # Forward tile candidates for D = 64 (FwdVariant<64, v> in csrc/cuda/kernel_traits.h, the mma.sync kernel): each built for
-  # sm_90a in its own copy of the tree (in parallel), then timed against SDPA flash one after another.
+  # Forward tile candidates, each built for sm_90a in its own copy of the tree (in parallel), then timed
+  # against SDPA flash one after another. FWD_TILE_KERNEL=sm80 (default): the mma.sync kernel's D = 64
+  # candidates (FwdVariant<64, v> in csrc/cuda/kernel_traits.h); sm90: the wgmma kernel's candidates for
+  # D = 64 and 128 (FwdSm90Variant<D, v>).
+  if [ "${FWD_TILE_KERNEL:-sm80}" = sm90 ]; then
+    macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; wgmma=1; dims=64,128
+  else
+    macros="FLASH_FWD_VARIANT_HDIM64"; wgmma=0; dims=64
+  fi
   for v in ${FWD_VARIANTS:-0 1 2}; do
     dir=/tmp/fwd_variant_$v; rm -rf "$dir"; mkdir -p "$dir"
     tar --exclude=./build --exclude='*.so' --exclude=./.whl -cf - . | tar -xf - -C "$dir"
-    sed -i "s/#define FLASH_FWD_VARIANT_HDIM64 0/#define FLASH_FWD_VARIANT_HDIM64 $v/" "$dir/csrc/cuda/kernel_traits.h"
+    for m in $macros; do sed -i "s/#define $m 0/#define $m $v/" "$dir/csrc/cuda/kernel_traits.h"; done
     ( cd "$dir" && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=6 python3 setup.py build_ext --inplace > build.log 2>&1 \
         || { echo "build failed"; grep -E "error" build.log | head -20; } ) &
   done
   wait
   for v in ${FWD_VARIANTS:-0 1 2}; do
     dir=/tmp/fwd_variant_$v
-    ( cd "$dir" && FLASH_ATTN_FWD_WGMMA=0 PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py --head-dims 64 \
-        --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1
-    note "forward D = 64 variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
+    ( cd "$dir" && FLASH_ATTN_FWD_WGMMA=$wgmma PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py \
+        --head-dims $dims --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1
+    note "forward ${FWD_TILE_KERNEL:-sm80} variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
+    if [ "${FWD_TILE_TESTS:-0}" = 1 ]; then  # the one-pass kernels' test matrix with this variant
+      ( cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH timeout 200 python3 -m pytest -q -p no:cacheprovider \
+          tests/test_flash_cuda.py -k "both_forward_kernels" ) > "$OUT/fwd_variant_${v}_tests.log" 2>&1
+      note "  tests of variant $v: $(tail -1 "$OUT/fwd_variant_${v}_tests.log")"
+    fi
   done
 fi
 if [[ " $stages " == *" sweep "* ]]; then

@@ -73,3 +73,28 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
         results = list(pool.map(compile_one, KERNEL_SOURCES))
     failures = [f"{src.name}:\n{res.stderr[-3000:]}" for src, res in results if res.returncode != 0]
     assert not failures, "\n\n".join(failures)
+
+
+# The forward's tile candidates (kernel_traits.h), which `bash scripts/gpu_check.sh fwdtiles` builds one at a
+# time: every non-default one compiles for sm_90a (the default, 0, is in the build above).
+FORWARD_VARIANTS = [("flash_fwd_hdim64_bf16", "FLASH_FWD_VARIANT_HDIM64", v) for v in (1, 2)] + [
+    (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v) for d in (64, 128) for v in (1, 2)
+]
+
+
+def test_forward_tile_variants_compile_with_nvcc(tmp_path):
+    nvcc = _nvcc()
+    flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DFLASH_WITH_SM90A", *TORCH_NVCC_DEFINES]
+    flags += ["-gencode=arch=compute_90a,code=sm_90a"]
+
+    def compile_one(case: tuple[str, str, int]) -> tuple[str, subprocess.CompletedProcess]:
+        stem, macro, variant = case
+        source = _build.CSRC / "cuda" / "instantiations" / f"{stem}.cu"
+        cmd = [nvcc, *flags, f"-D{macro}={variant}", *(f"-I{d}" for d in _build.include_dirs())]
+        cmd += ["-c", str(source), "-o", str(tmp_path / f"{stem}_{variant}.o")]
+        return f"{stem} {macro}={variant}", subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(compile_one, FORWARD_VARIANTS))
+    failures = [f"{name}:\n{res.stderr[-3000:]}" for name, res in results if res.returncode != 0]
+    assert not failures, "\n\n".join(failures)

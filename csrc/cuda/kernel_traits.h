@@ -139,15 +139,33 @@ struct FwdSm90Traits {
   static_assert(kOffK % 1024 == 0 && kOffV % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
 };
 
+// Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
+// `FWD_TILE_KERNEL=sm90 bash scripts/gpu_check.sh fwdtiles` builds and times them against SDPA flash.
+//   0: 128 x 128, 2 warpgroups that meet at the block's barriers (measured on the H200: docs/perf.md, v5);
+//   1: 64 x 128, 1 warpgroup per block, 2 blocks per SM: the blocks of an SM run their softmax and MMAs
+//      out of step, which 0's shared barriers prevent (not yet run on a GPU);
+//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM (not yet run on a GPU).
+template <int kHeadDim, int kVariant>
+struct FwdSm90Variant {
+  static_assert(kVariant >= 0 && kVariant <= 2, "no wgmma forward variant with this number");
+  using Traits = FwdSm90Traits<kHeadDim, kVariant == 0 ? 128 : 64, kVariant == 2 ? 64 : 128>;
+};
+#ifndef FLASH_FWD_SM90_VARIANT_HDIM64
+#define FLASH_FWD_SM90_VARIANT_HDIM64 0
+#endif
+#ifndef FLASH_FWD_SM90_VARIANT_HDIM128
+#define FLASH_FWD_SM90_VARIANT_HDIM128 0
+#endif
+
 template <int kHeadDim>
 struct FwdSm90Config;
 template <>
 struct FwdSm90Config<64> {
-  using Traits = FwdSm90Traits<64, 128, 128>;
+  using Traits = FwdSm90Variant<64, FLASH_FWD_SM90_VARIANT_HDIM64>::Traits;
 };
 template <>
 struct FwdSm90Config<128> {
-  using Traits = FwdSm90Traits<128, 128, 128>;
+  using Traits = FwdSm90Variant<128, FLASH_FWD_SM90_VARIANT_HDIM128>::Traits;
 };
 
 // Split-KV forward kernel (flash_fwd_split_kernel.cuh), made for decoding: few query rows, many keys.
