@@ -98,3 +98,46 @@ def test_forward_tile_variants_compile_with_nvcc(tmp_path):
         results = list(pool.map(compile_one, FORWARD_VARIANTS))
     failures = [f"{name}:\n{res.stderr[-3000:]}" for name, res in results if res.returncode != 0]
     assert not failures, "\n\n".join(failures)
+
+
+# Host-only program: the one-pass forward's launcher picks the instantiation that matches the runtime
+# flags, for each of the four (causal, key padding mask) pairs, when compiled by nvcc the way the real
+# launchers are (the kernel chosen through a generic lambda inside a function template). Nested
+# BOOL_SWITCHes failed this: non-causal with a mask got the kernel without it.
+SELECT_KERNEL_PROGRAM = r"""
+#include <cstdio>
+#include "flash_fwd_common.cuh"
+template <int D, bool kIsCausal, bool kHasKpm> __global__ void probe_kernel(flash::FwdParams) {}
+template <int D> int check(bool causal, bool kpm) {
+  flash::FwdParams params{};
+  params.is_causal = causal;
+  static bool mask_byte = true;
+  params.key_padding_mask = kpm ? &mask_byte : nullptr;
+  auto kernel = flash::select_one_pass_kernel(params, [](auto c, auto k) {
+    return &probe_kernel<D, decltype(c)::value, decltype(k)::value>;
+  });
+  void* want = causal ? (kpm ? (void*)&probe_kernel<D, true, true> : (void*)&probe_kernel<D, true, false>)
+                      : (kpm ? (void*)&probe_kernel<D, false, true> : (void*)&probe_kernel<D, false, false>);
+  std::printf("causal=%d kpm=%d %s\n", causal, kpm, (void*)kernel == want ? "ok" : "WRONG");
+  return (void*)kernel == want ? 0 : 1;
+}
+int main() {
+  int bad = 0;
+  for (int c = 0; c < 2; ++c)
+    for (int k = 0; k < 2; ++k) bad += check<64>(c, k);
+  return bad;
+}
+"""
+
+
+def test_one_pass_launcher_picks_the_kernel_of_the_flags(tmp_path):
+    nvcc = _nvcc()
+    source = tmp_path / "select_kernel.cu"
+    source.write_text(SELECT_KERNEL_PROGRAM)
+    exe = tmp_path / "select_kernel"
+    cmd = [nvcc, "-std=c++17", *TORCH_NVCC_DEFINES, *(f"-I{d}" for d in _build.include_dirs())]
+    built = subprocess.run([*cmd, str(source), "-o", str(exe)], capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert ran.stdout.count("ok") == 4, ran.stdout

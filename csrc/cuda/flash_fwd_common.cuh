@@ -10,7 +10,6 @@
 
 #include "flash_params.h"
 #include "flash_utils.cuh"
-#include "static_switch.h"
 
 namespace flash {
 namespace fwd_detail {
@@ -161,8 +160,21 @@ __device__ __forceinline__ float finish_row(float partial_sum, float row_max, fl
 
 }  // namespace fwd_detail
 
-// Launches a one-pass forward kernel with tiles Traits on the grid (query tiles, Hq, B);
-// kernel_of(std::bool_constant<kIsCausal>, std::bool_constant<kHasKpm>) names the instantiation.
+// The instantiation of a one-pass forward kernel for the runtime flags of `params`:
+// kernel_of(std::bool_constant<kIsCausal>, std::bool_constant<kHasKpm>) names it. Four explicit
+// branches, not nested BOOL_SWITCHes: nvcc 13.0 resolves std::bool_constant<kHasKpm> of the inner
+// switch's static constexpr to the first branch's value in one of the outer branches (non-causal with
+// a key padding mask ran the kernel without the mask); tests/test_cuda_sources_compile.py checks this.
+template <typename KernelOf>
+auto select_one_pass_kernel(const FwdParams& params, KernelOf kernel_of) {
+  using T = std::true_type;
+  using F = std::false_type;
+  const bool kpm = params.key_padding_mask != nullptr;
+  if (params.is_causal) return kpm ? kernel_of(T{}, T{}) : kernel_of(T{}, F{});
+  return kpm ? kernel_of(F{}, T{}) : kernel_of(F{}, F{});
+}
+
+// Launches a one-pass forward kernel with tiles Traits on the grid (query tiles, Hq, B).
 // Requirements checked by the caller: B, Hq <= 65535, len_q, len_k < 2^31, q/k/v base pointers and
 // batch/head/row strides 16-byte aligned.
 template <typename Traits, typename KernelOf>
@@ -170,15 +182,11 @@ void launch_one_pass_fwd(const FwdParams& params, cudaStream_t stream, KernelOf 
   const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const dim3 grid(num_m_blocks, params.heads_q, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
-  BOOL_SWITCH(params.is_causal, kIsCausal, [&] {
-    BOOL_SWITCH(params.key_padding_mask != nullptr, kHasKpm, [&] {
-      auto kernel = kernel_of(std::bool_constant<kIsCausal>{}, std::bool_constant<kHasKpm>{});
-      if (kSmem > 48 * 1024) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      }
-      kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
-    });
-  });
+  const auto kernel = select_one_pass_kernel(params, kernel_of);
+  if (kSmem > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  }
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
 }
 
 }  // namespace flash
