@@ -110,15 +110,13 @@ __device__ __forceinline__ void scale_and_mask(float (&acc_s)[kMFrags][kNFragsS]
   }
 }
 
-// Online softmax of one score tile: updates the running max (log2 units) and the thread-partial row
-// sums, rescales O, and writes P in the element type: p_frag[mi][j][hi] holds columns (2t, 2t+1) of
-// row g + 8 hi of n8 fragment j. A row whose running max is still -inf has seen no visible key: its exp
-// offset is 0, so every p is exp2(-inf) = 0 and the rescale factor is 0 (never inf - inf).
-template <typename ET, int kMFrags, int kNFragsS, int kNFragsO>
-__device__ __forceinline__ void online_softmax(float (&acc_s)[kMFrags][kNFragsS][4],
-                                               float (&acc_o)[kMFrags][kNFragsO][4], float (&row_max)[kMFrags][2],
-                                               float (&row_sum)[kMFrags][2],
-                                               uint32_t (&p_frag)[kMFrags][kNFragsS][2]) {
+// Online softmax of one score tile, in place: updates the running max (log2 units) and the
+// thread-partial row sums, turns S into P (fp32, same registers) and returns the rescale factor of
+// each row of O in alpha. A row whose running max is still -inf has seen no visible key: its exp offset
+// is 0, so every p is exp2(-inf) = 0 and alpha is 0 (never inf - inf).
+template <int kMFrags, int kNFragsS>
+__device__ __forceinline__ void softmax_in_place(float (&acc_s)[kMFrags][kNFragsS][4], float (&row_max)[kMFrags][2],
+                                                 float (&row_sum)[kMFrags][2], float (&alpha)[kMFrags][2]) {
 #pragma unroll
   for (int mi = 0; mi < kMFrags; ++mi)
 #pragma unroll
@@ -130,23 +128,53 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[kMFrags][kNFragsS]
       }
       mx = quad_allreduce_max(mx);
       const float offset = (mx == kNegInf) ? 0.f : mx;
-      const float alpha = fast_exp2(row_max[mi][hi] - offset);
+      alpha[mi][hi] = fast_exp2(row_max[mi][hi] - offset);
       row_max[mi][hi] = mx;
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < kNFragsS; ++j) {
-        const float p0 = fast_exp2(acc_s[mi][j][hi * 2] - offset);
-        const float p1 = fast_exp2(acc_s[mi][j][hi * 2 + 1] - offset);
-        sum += p0 + p1;
-        p_frag[mi][j][hi] = ET::pack(p0, p1);
-      }
-      row_sum[mi][hi] = row_sum[mi][hi] * alpha + sum;
+      for (int j = 0; j < kNFragsS; ++j)
 #pragma unroll
-      for (int d = 0; d < kNFragsO; ++d) {
-        acc_o[mi][d][hi * 2] *= alpha;
-        acc_o[mi][d][hi * 2 + 1] *= alpha;
-      }
+        for (int e = 0; e < 2; ++e) {
+          acc_s[mi][j][hi * 2 + e] = fast_exp2(acc_s[mi][j][hi * 2 + e] - offset);
+          sum += acc_s[mi][j][hi * 2 + e];
+        }
+      row_sum[mi][hi] = row_sum[mi][hi] * alpha[mi][hi] + sum;
     }
+}
+
+// O *= alpha, row by row.
+template <int kMFrags, int kNFragsO>
+__device__ __forceinline__ void rescale_o(float (&acc_o)[kMFrags][kNFragsO][4], const float (&alpha)[kMFrags][2]) {
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+    for (int d = 0; d < kNFragsO; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mi][d][e] *= alpha[mi][e / 2];
+}
+
+// P in the element type: p_frag[mi][j][hi] holds columns (2t, 2t+1) of row g + 8 hi of n8 fragment j.
+template <typename ET, int kMFrags, int kNFragsS>
+__device__ __forceinline__ void pack_p(const float (&acc_s)[kMFrags][kNFragsS][4],
+                                       uint32_t (&p_frag)[kMFrags][kNFragsS][2]) {
+#pragma unroll
+  for (int mi = 0; mi < kMFrags; ++mi)
+#pragma unroll
+    for (int j = 0; j < kNFragsS; ++j)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) p_frag[mi][j][hi] = ET::pack(acc_s[mi][j][hi * 2], acc_s[mi][j][hi * 2 + 1]);
+}
+
+// All three for one tile: the step of a kernel that does not overlap the softmax with an MMA of O.
+template <typename ET, int kMFrags, int kNFragsS, int kNFragsO>
+__device__ __forceinline__ void online_softmax(float (&acc_s)[kMFrags][kNFragsS][4],
+                                               float (&acc_o)[kMFrags][kNFragsO][4], float (&row_max)[kMFrags][2],
+                                               float (&row_sum)[kMFrags][2],
+                                               uint32_t (&p_frag)[kMFrags][kNFragsS][2]) {
+  float alpha[kMFrags][2];
+  softmax_in_place(acc_s, row_max, row_sum, alpha);
+  pack_p<ET>(acc_s, p_frag);
+  rescale_o(acc_o, alpha);
 }
 
 // The end of a row: 1 / l (0 for a row without any visible key) and its lse (natural log; +inf for such

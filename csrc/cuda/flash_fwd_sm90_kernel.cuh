@@ -2,12 +2,16 @@
 // products on warpgroup MMAs (wgmma.cuh) instead of mma.sync, and its launcher run_fwd_sm90.
 //
 // One block: kBlockM query rows of one (batch, query head), kBlockM / 64 warpgroups of 64 rows. Key
-// tiles are visited from the last visible one down to the first, as in the mma.sync kernel, with the
-// same two-barrier pipeline: the copy of V(n) overlaps S = Q K(n)^T, the copy of K(n - 1) overlaps the
-// softmax and O += P V(n). Per tile and warpgroup:
+// tiles are visited from the last visible one down to the first, as in the mma.sync kernel. Per tile and
+// warpgroup:
 //   S (64 x kBlockN) = Q K^T: kKStepsQK wgmma, Q and K from swizzled shared memory (K-major);
 //   mask and online softmax on the accumulators (flash_fwd_common.cuh: the layout is mma.sync's);
 //   O (64 x D) += P V: kKStepsPV wgmma, P from registers, V from shared memory (MN-major).
+// Two schedules (Traits::kOverlap):
+//   false: one K and one V tile, two barriers per tile; the copy of V(n) overlaps S = Q K(n)^T, the
+//          copy of K(n - 1) overlaps the softmax and O += P V(n); the MMAs wait for each other.
+//   true:  2-stage K / V rings, one barrier per tile; S(n) and O += P(n + 1) V(n + 1) are issued
+//          together and the softmax of S(n) runs while the second is in flight.
 // Compiled to a trap for other targets; run_fwd_sm90 is only called on sm_90 devices of a build that
 // includes sm_90a (FLASH_WITH_SM90A, see flash_fwd_api.cpp).
 #pragma once
@@ -34,15 +38,18 @@ template <int kRows, int kHeadDim, int kThreads, typename Element>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* slice, int64_t row_stride,
                                           int row_begin, int rows_valid, int tid, const void* fallback) {
   constexpr int kCpr = kHeadDim / 8;
-  static_assert((kRows * kCpr) % kThreads == 0, "tile copy splits evenly");
+  constexpr int kRowsPerPass = kThreads / kCpr;
+  static_assert(kThreads % kCpr == 0 && kRows % kRowsPerPass == 0, "tile copy splits evenly");
+  const int r0 = tid / kCpr;
+  const int c = tid % kCpr;
+  const Element* src = slice + static_cast<int64_t>(row_begin + r0) * row_stride + c * 8;
+  const int64_t pass_stride = kRowsPerPass * row_stride;
 #pragma unroll
-  for (int i = 0; i < kRows * kCpr / kThreads; ++i) {
-    const int idx = i * kThreads + tid;
-    const int r = idx / kCpr;
-    const int c = idx % kCpr;
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int r = r0 + i * kRowsPerPass;
     const bool pred = r < rows_valid;
-    const Element* src = slice + static_cast<int64_t>(row_begin + r) * row_stride + c * 8;
     cp_async_16(smem_tile + swizzled_offset(r, c, kRows), pred ? static_cast<const void*>(src) : fallback, pred);
+    src += pass_stride;
   }
 }
 
@@ -81,12 +88,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
   const uint32_t sK = sQ + Traits::kOffK;
   const uint32_t sV = sQ + Traits::kOffV;
   uint32_t* sMaskBits = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffMask);
+  constexpr int kStages = Traits::kStages;
+  constexpr int kMaskWords = Traits::kMaskWords;
+  // Stage of key tile n (K and V rings, mask words): tiles alternate stages in the overlapped loop.
+  auto stage = [](int n) { return kStages == 1 ? 0 : n % kStages; };
+  auto k_tile = [&](int n) { return sK + stage(n) * Traits::kTileKVBytes; };
+  auto v_tile = [&](int n) { return sV + stage(n) * Traits::kTileKVBytes; };
+  auto load_k = [&](int n) {
+    load_tile<kBlockN, kHeadDim, kNThreads>(k_tile(n), blk.k_ptr, params.k_stride.row, n * kBlockN,
+                                            len_k - n * kBlockN, tid, params.k);
+  };
+  auto load_v = [&](int n) {
+    load_tile<kBlockN, kHeadDim, kNThreads>(v_tile(n), blk.v_ptr, params.v_stride.row, n * kBlockN,
+                                            len_k - n * kBlockN, tid, params.v);
+  };
 
-  int n_block = blk.n_block_max - 1;
+  const int n_last = blk.n_block_max - 1;
   load_tile<kBlockM, kHeadDim, kNThreads>(sQ, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid, params.q);
-  cp_async_commit();
-  load_tile<kBlockN, kHeadDim, kNThreads>(sK, blk.k_ptr, params.k_stride.row, n_block * kBlockN,
-                                          len_k - n_block * kBlockN, tid, params.k);
+  load_k(n_last);
   cp_async_commit();
 
   float acc_o[1][kNFragsO][4];
@@ -96,42 +115,36 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
     for (int e = 0; e < 4; ++e) acc_o[0][d][e] = 0.f;
   float row_max[1][2] = {{kNegInf, kNegInf}};
   float row_sum[1][2] = {{0.f, 0.f}};
+  float acc_s[1][kNFragsS][4];
+  uint32_t p_frag[1][kNFragsS][2];
 
-  // Key padding bits, fetched one tile ahead as in the mma.sync kernel.
+  // Key padding bits, fetched one tile ahead: publish_kpm(n) stores tile n's bits (one word per 32
+  // keys) in its stage before the barrier that precedes their use.
   const unsigned char* kpm_row = nullptr;
   unsigned char kpm_next = 0;
-  auto fetch_kpm = [&](int col0) -> unsigned char {
-    const int col = col0 + tid;
+  auto fetch_kpm = [&](int n) -> unsigned char {
+    const int col = n * kBlockN + tid;
     return (tid < kBlockN && col < len_k) ? __ldg(kpm_row + col) : static_cast<unsigned char>(0);
+  };
+  auto publish_kpm = [&](int n) {
+    const uint32_t bits = __ballot_sync(0xffffffffu, kpm_next != 0);
+    if (lane == 0 && warp < kMaskWords) sMaskBits[stage(n) * kMaskWords + warp] = bits;
   };
   if (kHasKpm) {
     kpm_row = reinterpret_cast<const unsigned char*>(params.key_padding_mask) +
               blk.b * params.key_padding_mask_batch_stride;
-    kpm_next = fetch_kpm(n_block * kBlockN);
+    kpm_next = fetch_kpm(n_last);
   }
 
-  // Descriptor start addresses: this warpgroup's 64 rows of Q, the K tile, the V tile.
+  // Descriptor start addresses: this warpgroup's 64 rows of Q; K / V tiles from k_tile / v_tile.
   const uint32_t q_wg = sQ + wg * 64 * 128;
   constexpr uint32_t kSbo = 8 * 128;            // 8 rows of 128 bytes
   constexpr uint32_t kQBlock = kBlockM * 128;   // next 64 columns of Q
   constexpr uint32_t kKVBlock = kBlockN * 128;  // next 64 columns of K / V
 
-  for (; n_block >= 0; --n_block) {
-    const int col0 = n_block * kBlockN;
-    if (kHasKpm) {
-      const uint32_t bits = __ballot_sync(0xffffffffu, kpm_next != 0);
-      if (lane == 0 && warp < kBlockN / 32) sMaskBits[warp] = bits;
-    }
-
-    // K(n) (and Q) landed; every warpgroup is done with V(n + 1): start copying V(n).
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-    load_tile<kBlockN, kHeadDim, kNThreads>(sV, blk.v_ptr, params.v_stride.row, col0, len_k - col0, tid, params.v);
-    cp_async_commit();
-
-    // S = Q K^T.
-    float acc_s[1][kNFragsS][4];
+  // S = Q K(n)^T, issued (not waited for).
+  auto issue_qk = [&](int n) {
+    const uint32_t k_base = k_tile(n);
 #pragma unroll
     for (int j = 0; j < kNFragsS; ++j)
 #pragma unroll
@@ -142,46 +155,118 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
     for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
       const uint32_t k_off = (kk % 4) * 32;  // k16 steps inside a 128-byte row
       wgmma_ss<Element, kBlockN>(acc_s[0], make_desc(q_wg + (kk / 4) * kQBlock + k_off, 16, kSbo),
-                                 make_desc(sK + (kk / 4) * kKVBlock + k_off, 16, kSbo), 1);
+                                 make_desc(k_base + (kk / 4) * kKVBlock + k_off, 16, kSbo), 1);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulator(acc_s[0]);
-
-    uint32_t kpm_words[kHasKpm ? kBlockN / 32 : 1];
-    if (kHasKpm) {
-#pragma unroll
-      for (int w = 0; w < kBlockN / 32; ++w) kpm_words[w] = sMaskBits[w] >> (2 * t);
-    }
-    const bool need_limit_mask =
-        (col0 + kBlockN > blk.seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + blk.diag);
-    scale_and_mask<kIsCausal, kHasKpm>(acc_s, params.scale_log2, col0, row0 + warp * 16 + g, blk.seqlen_k,
-                                       blk.diag, t, kpm_words, need_limit_mask);
-
-    // V(n) landed; every warpgroup is done with K(n): start copying K(n - 1).
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-    if (n_block > 0) {
-      load_tile<kBlockN, kHeadDim, kNThreads>(sK, blk.k_ptr, params.k_stride.row, col0 - kBlockN,
-                                              len_k - (col0 - kBlockN), tid, params.k);
-      cp_async_commit();
-      if (kHasKpm) kpm_next = fetch_kpm(col0 - kBlockN);
-    }
-
-    uint32_t p_frag[1][kNFragsS][2];
-    online_softmax<ET>(acc_s, acc_o, row_max, row_sum, p_frag);
-
-    // O += P V: P of n8 fragments 2 kk and 2 kk + 1 is the A fragment of k-step kk (16 keys).
+  };
+  // O += P V(n), issued: P of n8 fragments 2 kk and 2 kk + 1 is the A fragment of k-step kk (16 keys).
+  auto issue_pv = [&](int n) {
+    const uint32_t v_base = v_tile(n);
     fence_accumulator(acc_o[0]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kKStepsPV; ++kk) {
       const uint32_t pa[4] = {p_frag[0][2 * kk][0], p_frag[0][2 * kk][1], p_frag[0][2 * kk + 1][0],
                               p_frag[0][2 * kk + 1][1]};
-      wgmma_rs<Element, kHeadDim>(acc_o[0], pa, make_desc(sV + kk * 16 * 128, kKVBlock, kSbo), 1);
+      wgmma_rs<Element, kHeadDim>(acc_o[0], pa, make_desc(v_base + kk * 16 * 128, kKVBlock, kSbo), 1);
     }
     wgmma_commit();
+  };
+  // Scale S of tile n to log2 units and mask it (key padding bits of its stage, published before).
+  auto mask_tile = [&](int n) {
+    const int col0 = n * kBlockN;
+    uint32_t kpm_words[kHasKpm ? kMaskWords : 1];
+    if (kHasKpm) {
+#pragma unroll
+      for (int w = 0; w < kMaskWords; ++w) kpm_words[w] = sMaskBits[stage(n) * kMaskWords + w] >> (2 * t);
+    }
+    const bool need_limit_mask =
+        (col0 + kBlockN > blk.seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + blk.diag);
+    scale_and_mask<kIsCausal, kHasKpm>(acc_s, params.scale_log2, col0, row0 + warp * 16 + g, blk.seqlen_k,
+                                       blk.diag, t, kpm_words, need_limit_mask);
+  };
+
+  if constexpr (!Traits::kOverlap) {
+    // Two barriers per tile: the copy of V(n) overlaps S = Q K(n)^T, the copy of K(n - 1) overlaps the
+    // softmax and O += P V(n).
+    for (int n = n_last; n >= 0; --n) {
+      if (kHasKpm) publish_kpm(n);
+      // K(n) (and Q) landed; every warpgroup is done with V(n + 1): start copying V(n).
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+      load_v(n);
+      cp_async_commit();
+
+      issue_qk(n);
+      wgmma_wait<0>();
+      fence_accumulator(acc_s[0]);
+      mask_tile(n);
+
+      // V(n) landed; every warpgroup is done with K(n): start copying K(n - 1).
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+      if (n > 0) {
+        load_k(n - 1);
+        cp_async_commit();
+        if (kHasKpm) kpm_next = fetch_kpm(n - 1);
+      }
+
+      online_softmax<ET>(acc_s, acc_o, row_max, row_sum, p_frag);
+      issue_pv(n);
+      wgmma_wait<0>();
+      fence_accumulator(acc_o[0]);
+    }
+  } else {
+    // One barrier per tile. Iteration n issues S = Q K(n)^T and O += P(n + 1) V(n + 1) together, then
+    // runs the softmax of S(n) while the second product is in flight; O is rescaled once it has landed.
+    // The copies of K(n - 1) and V(n) (into the stages of K(n + 1) and V(n + 2), both done with) overlap
+    // the whole iteration.
+    load_v(n_last);
+    if (n_last > 0) load_k(n_last - 1);
+    cp_async_commit();
+    if (kHasKpm) {
+      publish_kpm(n_last);
+      if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
+    }
+    cp_async_wait<1>();  // Q, K(n_last)
+    fence_proxy_async();
+    __syncthreads();
+    issue_qk(n_last);
+    wgmma_wait<0>();
+    fence_accumulator(acc_s[0]);
+    mask_tile(n_last);
+    float alpha[1][2];
+    softmax_in_place(acc_s, row_max, row_sum, alpha);  // O is still 0: nothing to rescale
+    pack_p<ET>(acc_s, p_frag);
+
+    for (int n = n_last - 1; n >= 0; --n) {
+      if (kHasKpm) publish_kpm(n);
+      cp_async_wait<0>();  // K(n), V(n + 1)
+      fence_proxy_async();
+      __syncthreads();
+      if (n > 0) load_k(n - 1);
+      load_v(n);
+      cp_async_commit();
+      if (kHasKpm && n > 0) kpm_next = fetch_kpm(n - 1);
+
+      issue_qk(n);
+      issue_pv(n + 1);
+      wgmma_wait<1>();  // S(n)
+      fence_accumulator(acc_s[0]);
+      mask_tile(n);
+      softmax_in_place(acc_s, row_max, row_sum, alpha);
+      wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
+      fence_accumulator(acc_o[0]);
+      fence_operand(p_frag[0]);
+      rescale_o(acc_o, alpha);
+      pack_p<ET>(acc_s, p_frag);
+    }
+    cp_async_wait<0>();  // V(0)
+    fence_proxy_async();
+    __syncthreads();
+    issue_pv(0);
     wgmma_wait<0>();
     fence_accumulator(acc_o[0]);
   }

@@ -112,13 +112,18 @@ struct FwdConfig<256> {
 // kBlockM query rows = kBlockM / 64 warpgroups of 64 rows (16 per warp, the accumulator layout of the
 // mma.sync kernel with one m16 slab), key tiles of kBlockN keys. Q, K and V tiles live in shared memory
 // with the 128-byte swizzle (wgmma.cuh): a tile of R rows is D / 64 column blocks of R x 128 bytes.
-//   sQ [kBlockM x D], sK [kBlockN x D], sV [kBlockN x D], key padding bits (kBlockN / 32 words).
+//   sQ [kBlockM x D], sK [kStages][kBlockN x D], sV [kStages][kBlockN x D], key padding bits
+//   (kStages x kBlockN / 32 words).
 // Q and K are the K-major operands of S; V is the MN-major B operand of O += P V, P in registers.
-template <int kHeadDim_, int kBlockM_, int kBlockN_>
+// kOverlap: the softmax of tile n runs while the MMAs of O += P V of tile n + 1 run (the two products
+// of an iteration are issued together), with K and V tiles in a 2-stage ring.
+template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false>
 struct FwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
+  static constexpr bool kOverlap = kOverlap_;
+  static constexpr int kStages = kOverlap ? 2 : 1;
   static constexpr int kNWarps = kBlockM / 16;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kNFragsS = kBlockN / 8;   // n8 fragments of S per thread
@@ -127,10 +132,12 @@ struct FwdSm90Traits {
   static constexpr int kKStepsPV = kBlockN / 16;
   static constexpr int kChunksPerRow = kHeadDim / 8;
 
+  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
   static constexpr int kOffK = kBlockM * kHeadDim * 2;
-  static constexpr int kOffV = kOffK + kBlockN * kHeadDim * 2;
-  static constexpr int kOffMask = kOffV + kBlockN * kHeadDim * 2;
-  static constexpr int kSmemBytes = kOffMask + 16 * ((kBlockN / 32 * 4 + 15) / 16);
+  static constexpr int kOffV = kOffK + kStages * kTileKVBytes;
+  static constexpr int kOffMask = kOffV + kStages * kTileKVBytes;
+  static constexpr int kMaskWords = kBlockN / 32;  // per stage
+  static constexpr int kSmemBytes = kOffMask + 16 * ((kStages * kMaskWords * 4 + 15) / 16);
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
@@ -144,11 +151,14 @@ struct FwdSm90Traits {
 //   0: 128 x 128, 2 warpgroups that meet at the block's barriers (measured on the H200: docs/perf.md, v5);
 //   1: 64 x 128, 1 warpgroup per block, 2 blocks per SM: the blocks of an SM run their softmax and MMAs
 //      out of step, which 0's shared barriers prevent (not yet run on a GPU);
-//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM (not yet run on a GPU).
+//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM (not yet run on a GPU);
+//   3: 128 x 128 like 0, with the softmax of a tile overlapping the P V MMAs of the previous one
+//      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 2, "no wgmma forward variant with this number");
-  using Traits = FwdSm90Traits<kHeadDim, kVariant == 0 ? 128 : 64, kVariant == 2 ? 64 : 128>;
+  static_assert(kVariant >= 0 && kVariant <= 3, "no wgmma forward variant with this number");
+  using Traits = FwdSm90Traits<kHeadDim, kVariant == 0 || kVariant == 3 ? 128 : 64, kVariant == 2 ? 64 : 128,
+                               kVariant == 3>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 0

@@ -59,6 +59,16 @@ __device__ __forceinline__ void fence_accumulator(float (&d)[NF][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
 
+// The same for registers of a register A operand (P): live, unchanged, until the wgmma that reads them
+// has been waited for.
+template <int NF>
+__device__ __forceinline__ void fence_operand(uint32_t (&a)[NF][2]) {
+#pragma unroll
+  for (int j = 0; j < NF; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
+}
+
 template <typename T>
 struct WgmmaType;
 template <>
