@@ -147,18 +147,21 @@ struct FwdSm90Traits {
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
-// `FWD_TILE_KERNEL=sm90 bash scripts/gpu_check.sh fwdtiles` builds and times them against SDPA flash.
-//   0: 128 x 128, 2 warpgroups that meet at the block's barriers (measured on the H200: docs/perf.md, v5);
+// `FWD_TILE_KERNEL=sm90 bash scripts/gpu_check.sh fwdtiles` builds and times them against SDPA flash
+// (docs/perf.md, v5 and v6, has the H200 numbers).
+//   0: 128 x 128, 2 warpgroups that meet at the block's barriers;
 //   1: 64 x 128, 1 warpgroup per block, 2 blocks per SM: the blocks of an SM run their softmax and MMAs
-//      out of step, which 0's shared barriers prevent (not yet run on a GPU);
-//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM (not yet run on a GPU);
+//      out of step, which 0's shared barriers prevent;
+//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM;
 //   3: 128 x 128 like 0, with the softmax of a tile overlapping the P V MMAs of the previous one
-//      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128).
+//      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128);
+//   4: 64 x 128 like 1, overlapped (D = 64: 72 KB, 2 blocks per SM; D = 128: 144 KB, 1 block per SM);
+//   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 3, "no wgmma forward variant with this number");
-  using Traits = FwdSm90Traits<kHeadDim, kVariant == 0 || kVariant == 3 ? 128 : 64, kVariant == 2 ? 64 : 128,
-                               kVariant == 3>;
+  static_assert(kVariant >= 0 && kVariant <= 5, "no wgmma forward variant with this number");
+  static constexpr int kShape = kVariant % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
+  using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, (kVariant >= 3)>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 0
