@@ -118,21 +118,22 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   # Forward tile candidates, each built for sm_90a in its own copy of the tree (in parallel), then timed
   # against SDPA flash one after another. FWD_TILE_KERNEL=sm80 (default): the mma.sync kernel's D = 64
   # candidates (FwdVariant<64, v> in csrc/cuda/kernel_traits.h); sm90: the wgmma kernel's candidates for
-  # D = 64 and 128 (FwdSm90Variant<D, v>).
+  # D = 64 and 128 (FwdSm90Variant<D, v>; candidate v for both head dims). FWD_VARIANTS="..." picks them.
   if [ "${FWD_TILE_KERNEL:-sm80}" = sm90 ]; then
     macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; wgmma=1; dims=64,128
+    default_variants="0 1 3 4"
   else
-    macros="FLASH_FWD_VARIANT_HDIM64"; wgmma=0; dims=64
+    macros="FLASH_FWD_VARIANT_HDIM64"; wgmma=0; dims=64; default_variants="0 1 2"
   fi
-  for v in ${FWD_VARIANTS:-0 1 2}; do
+  for v in ${FWD_VARIANTS:-$default_variants}; do
     dir=/tmp/fwd_variant_$v; rm -rf "$dir"; mkdir -p "$dir"
     tar --exclude=./build --exclude='*.so' --exclude=./.whl -cf - . | tar -xf - -C "$dir"
-    for m in $macros; do sed -i "s/#define $m 0/#define $m $v/" "$dir/csrc/cuda/kernel_traits.h"; done
+    for m in $macros; do sed -i "s/#define $m [0-9]*$/#define $m $v/" "$dir/csrc/cuda/kernel_traits.h"; done
     ( cd "$dir" && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=6 python3 setup.py build_ext --inplace > build.log 2>&1 \
         || { echo "build failed"; grep -E "error" build.log | head -20; } ) &
   done
   wait
-  for v in ${FWD_VARIANTS:-0 1 2}; do
+  for v in ${FWD_VARIANTS:-$default_variants}; do
     dir=/tmp/fwd_variant_$v
     ( cd "$dir" && FLASH_ATTN_FWD_WGMMA=$wgmma PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py \
         --head-dims $dims --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1

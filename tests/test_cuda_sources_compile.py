@@ -76,10 +76,20 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
 
 
 # The forward's tile candidates (kernel_traits.h), which `bash scripts/gpu_check.sh fwdtiles` builds one at a
-# time: every non-default one compiles for sm_90a (the default, 0, is in the build above).
+# time: every non-default one compiles for sm_90a (the defaults are in the build above).
+SM90_DEFAULT_VARIANT = {64: 4, 128: 1}  # FLASH_FWD_SM90_VARIANT_HDIM64 / _HDIM128
 FORWARD_VARIANTS = [("flash_fwd_hdim64_bf16", "FLASH_FWD_VARIANT_HDIM64", v) for v in (1, 2)] + [
-    (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v) for d in (64, 128) for v in (1, 2, 3, 4, 5)
+    (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v)
+    for d, default in SM90_DEFAULT_VARIANT.items()
+    for v in range(6)
+    if v != default
 ]
+
+
+def test_sm90_default_variants_are_the_ones_named_here():
+    traits = (_build.CSRC / "cuda" / "kernel_traits.h").read_text()
+    for d, default in SM90_DEFAULT_VARIANT.items():
+        assert f"#define FLASH_FWD_SM90_VARIANT_HDIM{d} {default}\n" in traits
 
 
 def test_forward_tile_variants_compile_with_nvcc(tmp_path):

@@ -99,8 +99,8 @@ def needs_hopper():
 
 
 # Both one-pass forward kernels of head dims 64 and 128 on an sm_90 device: the wgmma kernel
-# (FLASH_ATTN_FWD_WGMMA=1; the default there for D = 128) and the mma.sync kernel (=0), with partial
-# tiles of both (kBlockM = kBlockN = 128 on wgmma) and several key tiles.
+# (FLASH_ATTN_FWD_WGMMA=1, the default there) and the mma.sync kernel (=0), with partial tiles of both
+# (64 x 128 tiles on wgmma) and several key tiles.
 @pytest.mark.parametrize("wgmma", ["0", "1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -118,7 +118,7 @@ def test_both_forward_kernels_on_hopper(monkeypatch, wgmma, shape, mask_kind, he
 
 @pytest.mark.parametrize(
     ("wgmma", "head_dim", "expected"),
-    [(None, 128, True), ("0", 128, False), (None, 64, False), ("1", 64, True)],
+    [(None, 128, True), ("0", 128, False), (None, 64, True), ("0", 64, False), ("1", 64, True)],
 )
 def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, head_dim, expected):
     needs_hopper()

@@ -74,10 +74,10 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
   run_fwd<Element, HeadDim>(params, stream);
 }
 
-// The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A) and an sm_90 device. By default for
-// head dim 128 only (on the H200 it is 1.10-1.30x SDPA flash there, while at D = 64 the mma.sync kernel
-// is faster: docs/perf.md, v5). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel everywhere, =1 takes
-// the wgmma kernel for D = 64 too (to compare the two).
+// The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A), an sm_90 device and head dim 64 or 128
+// (on the H200 it is 1.19-1.28x (D = 64) and 1.27-1.48x (D = 128) SDPA flash, the mma.sync kernel
+// 0.93-1.09x and 0.99-1.05x: docs/perf.md, v5 and v6). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel
+// everywhere (to compare the two); =1 is the default.
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
   const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
   const bool set = env != nullptr && *env != '\0';
@@ -86,8 +86,7 @@ bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
                     set ? env : "", "'");
 #ifdef FLASH_WITH_SM90A
   const bool off = set && env[0] == '0';
-  const bool all = set && env[0] == '1';
-  if (off || !(head_dim == 128 || (all && head_dim == 64))) return false;
+  if (off || !(head_dim == 64 || head_dim == 128)) return false;
   return compute_capability_major(device) == 9;
 #else
   (void)device;

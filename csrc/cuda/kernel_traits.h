@@ -164,10 +164,10 @@ struct FwdSm90Variant {
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, (kVariant >= 3)>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
-#define FLASH_FWD_SM90_VARIANT_HDIM64 0
+#define FLASH_FWD_SM90_VARIANT_HDIM64 4
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 0
+#define FLASH_FWD_SM90_VARIANT_HDIM128 1
 #endif
 
 template <int kHeadDim>
