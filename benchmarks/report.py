@@ -33,6 +33,23 @@ def write_csv(records: Sequence[Record], path: Path) -> None:
         writer.writerows(records)
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results.csv written by write_csv, with numbers, booleans and missing values restored."""
+    ints, floats = {"head_dim", "seqlen", "batch", "heads"}, {"ms", "tflops", "peak_mib"}
+
+    def convert(key: str, value: str) -> Any:
+        if key in ints:
+            return int(value)
+        if key in floats:
+            return float(value) if value != "" else None
+        if key == "causal":
+            return value == "True"
+        return value
+
+    with path.open(newline="") as handle:
+        return [{k: convert(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
 def write_json(records: Sequence[Record], config: Mapping[str, Any], path: Path) -> None:
     """``{"config": <resolved settings>, "rows": [<row>, ...]}``; missing values are null."""
     path.write_text(json.dumps({"config": dict(config), "rows": list(records)}, indent=2) + "\n")

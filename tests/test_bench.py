@@ -109,6 +109,7 @@ def test_tiny_sweep_writes_results(tmp_path, test_backends):
     header = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("|"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns[7:] == ["naive", "sdpa", "flash", *test_backends, "flash vs sdpa"]
+    assert report.read_csv(tmp_path / "results.csv") == records  # what scripts/plot_results.py redraws from
 
 
 def test_table_ratio_and_statuses():
