@@ -148,15 +148,16 @@ struct FwdSm90Traits {
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
 // `FWD_TILE_KERNEL=sm90 bash scripts/gpu_check.sh fwdtiles` builds and times them against SDPA flash
-// (docs/perf.md, v5 and v6, has the H200 numbers).
-//   0: 128 x 128, 2 warpgroups that meet at the block's barriers;
+// (docs/perf.md, v5 and v6, has the H200 numbers; below: ratio to SDPA flash, N = 1024-16384, D = 64 / 128).
+//   0: 128 x 128, 2 warpgroups that meet at the block's barriers (0.93-1.03x / 1.20-1.38x);
 //   1: 64 x 128, 1 warpgroup per block, 2 blocks per SM: the blocks of an SM run their softmax and MMAs
-//      out of step, which 0's shared barriers prevent;
-//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM;
+//      out of step, which 0's shared barriers prevent (1.05-1.16x / 1.27-1.48x: the D = 128 default);
+//   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM (1.01-1.26x / 1.24-1.41x);
 //   3: 128 x 128 like 0, with the softmax of a tile overlapping the P V MMAs of the previous one
-//      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128);
-//   4: 64 x 128 like 1, overlapped (D = 64: 72 KB, 2 blocks per SM; D = 128: 144 KB, 1 block per SM);
-//   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM).
+//      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128) (1.06-1.15x / 1.28-1.45x);
+//   4: 64 x 128 like 1, overlapped (D = 64: 72 KB, 2 blocks per SM; D = 128: 144 KB, 1 block per SM)
+//      (1.19-1.28x: the D = 64 default / 1.02-1.18x);
+//   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM) (1.16-1.39x / 1.22-1.35x).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 5, "no wgmma forward variant with this number");
