@@ -13,10 +13,11 @@ from __future__ import annotations
 import gc
 import itertools
 import platform
+import statistics
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class Settings:
     rep_ms: float
     seed: int
     plots: bool
+    rounds: int = 1  # > 1: the backends of a point are timed round-robin (see time_in_rounds)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,9 @@ def resolve_settings(cfg: DictConfig) -> Settings:
     bad = [d for d in values["directions"] if d not in DIRECTIONS]
     if bad:
         raise ValueError(f"bench: unknown directions {bad}; expected some of {list(DIRECTIONS)}")
+    rounds = int(cfg.get("rounds", 1))
+    if rounds < 1:
+        raise ValueError(f"bench: rounds must be at least 1, got {rounds}")
     return Settings(
         device=device,
         preset=str(cfg.get("preset", "auto")),
@@ -215,6 +220,7 @@ def resolve_settings(cfg: DictConfig) -> Settings:
         rep_ms=float(values["rep_ms"]),
         seed=int(cfg.get("seed", 0)),
         plots=bool(cfg.get("plots", True)),
+        rounds=rounds,
     )
 
 
@@ -327,8 +333,9 @@ def free_memory(device: str, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(label: str, step: Callable[[], object], settings: Settings) -> Measurement:
-    """Run one point: first call, peak memory, then timing. Failures are recorded, never raised."""
+def measure(label: str, step: Callable[[], object], settings: Settings, timed: bool = True) -> Measurement:
+    """Run one point: first call, peak memory, then timing (unless ``timed`` is False: ms stays None).
+    Failures are recorded, never raised."""
     expected, _ = split_label(label)
     try:
         with warnings.catch_warnings(), track_backends() as served:
@@ -337,10 +344,34 @@ def measure(label: str, step: Callable[[], object], settings: Settings) -> Measu
         if set(served) - {expected}:
             return Measurement(ERROR, note=f"served by {dict(served)} instead of '{expected}'")
         memory = peak_mib(step, settings.device)
-        ms = time_ms(step, settings.device, settings.warmup_ms, settings.rep_ms)
+        ms = time_ms(step, settings.device, settings.warmup_ms, settings.rep_ms) if timed else None
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status; the sweep goes on
         return Measurement(*classify_failure(exc))
     return Measurement(OK, ms=ms, peak_mib=memory)
+
+
+def time_in_rounds(
+    steps: dict[str, Callable[[], object]], measured: dict[str, Measurement], settings: Settings
+) -> dict[str, Measurement]:
+    """Time the backends of one point in ``settings.rounds`` round-robin rounds, each with 1 / rounds of the
+    warm-up and measuring time, and keep each backend's median over the rounds: a drift in the machine's
+    speed (frequency, neighbours on a shared host) then reaches every backend alike instead of whichever
+    was timed during it. ``measured`` holds the untimed measurements (status, memory) that get the ms."""
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    failed: dict[str, Measurement] = {}
+    warmup_ms, rep_ms = settings.warmup_ms / settings.rounds, settings.rep_ms / settings.rounds
+    for _ in range(settings.rounds):
+        for label, step in steps.items():
+            if label in failed:
+                continue
+            try:
+                times[label].append(time_ms(step, settings.device, warmup_ms, rep_ms))
+            except Exception as exc:  # noqa: BLE001 - as in measure
+                failed[label] = Measurement(*classify_failure(exc))
+    return {
+        label: failed.get(label) or replace(measured[label], ms=statistics.median(times[label]))
+        for label in steps
+    }
 
 
 def try_inputs(shape: Shape, device: str, generator: torch.Generator) -> Inputs | Measurement:
@@ -416,26 +447,43 @@ def sweep(settings: Settings) -> list[Row]:
     }
     rows: list[Row] = []
     reported: set[tuple[str, str, str]] = set()
+
+    def note_failure(label: str, where: str, result: Measurement) -> None:
+        """Free what a failed point left (all of it after an OOM) and report each distinct failure once."""
+        if result.status == OK:
+            return
+        free_memory(settings.device, collect=result.status == OOM)
+        if (label, result.status, result.note) not in reported:
+            reported.add((label, result.status, result.note))
+            tqdm.write(f"{label} {where}: {result.status} ({result.note})")
+
     with tqdm(total=grid_size(settings), desc="attention bench", dynamic_ncols=True) as bar:
         for shape in shapes(settings):
             inputs = try_inputs(shape, settings.device, generator)
-            for causal, direction, label in itertools.product(
-                settings.causal, settings.directions, settings.backends
-            ):
+            for causal, direction in itertools.product(settings.causal, settings.directions):
                 where = f"{shape.dtype} D={shape.head_dim} N={shape.seqlen} causal={causal} {direction}"
-                bar.set_postfix_str(f"{label} {where}")
-                if isinstance(inputs, Measurement):
-                    result = inputs
-                else:
-                    step = make_step(forward_fn(label, inputs, causal), direction, inputs)
-                    result = measure(label, step, settings)
-                if result.status != OK:
-                    free_memory(settings.device, collect=result.status == OOM)
-                    if (label, result.status, result.note) not in reported:
-                        reported.add((label, result.status, result.note))
-                        tqdm.write(f"{label} {where}: {result.status} ({result.note})")
-                rows.append(make_row(common, shape, label, causal, direction, result))
-                bar.update()
+                results: dict[str, Measurement] = {}
+                to_time: dict[str, Callable[[], object]] = {}  # rounds > 1: timed after the loop
+                for label in settings.backends:
+                    bar.set_postfix_str(f"{label} {where}")
+                    if isinstance(inputs, Measurement):
+                        result = inputs
+                    else:
+                        step = make_step(forward_fn(label, inputs, causal), direction, inputs)
+                        result = measure(label, step, settings, timed=settings.rounds == 1)
+                        if result.status == OK and settings.rounds > 1:
+                            to_time[label] = step
+                    note_failure(label, where, result)
+                    results[label] = result
+                    bar.update()
+                if to_time:
+                    bar.set_postfix_str(f"{settings.rounds} rounds of {', '.join(to_time)} {where}")
+                    timed = time_in_rounds(to_time, results, settings)
+                    del to_time
+                    for label, result in timed.items():
+                        note_failure(label, where, result)
+                    results.update(timed)
+                rows += [make_row(common, shape, label, causal, direction, r) for label, r in results.items()]
             del inputs
             free_memory(settings.device)
     return rows

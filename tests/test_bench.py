@@ -131,3 +131,35 @@ def test_table_ratio_and_statuses():
     ]
     table = report.tflops_table(records, ours="flash", reference="sdpa_flash")
     assert "flash vs sdpa_flash" in table and "1.50x" in table and "OOM" in table
+
+
+def test_rounds_time_the_backends_round_robin_and_keep_medians(monkeypatch):
+    settings = bench.resolve_settings(compose_bench([*TINY, "rounds=3", "warmup_ms=30", "rep_ms=300"]))
+    samples = {"a": [3.0, 1.0, 2.0], "b": [5.0, 4.0, 6.0]}
+    calls: list[tuple[str, float, float]] = []
+
+    def fake_time_ms(step, device, warmup_ms, rep_ms):
+        label = step()
+        calls.append((label, warmup_ms, rep_ms))
+        if label == "c" and len([c for c in calls if c[0] == "c"]) == 2:
+            raise RuntimeError("boom in round 2")
+        return samples.get(label, [7.0] * 3)[len([c for c in calls if c[0] == label]) - 1]
+
+    monkeypatch.setattr(bench, "time_ms", fake_time_ms)
+    measured = {label: bench.Measurement(bench.OK, peak_mib=1.5) for label in "abc"}
+    steps = {label: (lambda label=label: label) for label in "abc"}
+    out = bench.time_in_rounds(steps, measured, settings)
+    assert [c[0] for c in calls] == ["a", "b", "c", "a", "b", "c", "a", "b"]  # c stops after failing
+    assert {c[1:] for c in calls} == {(10.0, 100.0)}  # warm-up and measuring time split among rounds
+    assert out["a"] == bench.Measurement(bench.OK, ms=2.0, peak_mib=1.5)
+    assert out["b"].ms == 5.0
+    assert out["c"].status == bench.ERROR and "boom" in out["c"].note
+
+
+def test_tiny_sweep_in_rounds(tmp_path):
+    cfg = compose_bench([*TINY, "backends=[naive,sdpa]", "rounds=2", "plots=false", "causal=[true]"])
+    records = bench.run(cfg, output_dir=tmp_path)
+    assert {r["direction"] for r in records} == {"fwd", "fwd_bwd", "bwd"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in records if r["direction"] != "bwd")
+    with pytest.raises(ValueError, match="rounds"):
+        bench.resolve_settings(compose_bench([*TINY, "rounds=0"]))
