@@ -11,7 +11,9 @@
 //   false: one K and one V tile, two barriers per tile; the copy of V(n) overlaps S = Q K(n)^T, the
 //          copy of K(n - 1) overlaps the softmax and O += P V(n); the MMAs wait for each other.
 //   true:  2-stage K / V rings, one barrier per tile; S(n) and O += P(n + 1) V(n + 1) are issued
-//          together and the softmax of S(n) runs while the second is in flight.
+//          together and the softmax of S(n) runs while the second is in flight. With one V buffer
+//          (kStagesV = 1) the copy of V(n) waits for P V(n + 1) and lands under S(n - 1): three barriers
+//          per tile, cheap with one warpgroup per block.
 // Compiled to a trap for other targets; run_fwd_sm90 is only called on sm_90 devices of a build that
 // includes sm_90a (FLASH_WITH_SM90A, see flash_fwd_api.cpp).
 #pragma once
@@ -88,12 +90,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
   const uint32_t sK = sQ + Traits::kOffK;
   const uint32_t sV = sQ + Traits::kOffV;
   uint32_t* sMaskBits = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffMask);
-  constexpr int kStages = Traits::kStages;
   constexpr int kMaskWords = Traits::kMaskWords;
-  // Stage of key tile n (K and V rings, mask words): tiles alternate stages in the overlapped loop.
-  auto stage = [](int n) { return kStages == 1 ? 0 : n % kStages; };
+  // Stages of key tile n in the K ring (and its mask words) and the V ring: tiles alternate stages.
+  auto stage = [](int n) { return Traits::kStagesK == 1 ? 0 : n % 2; };
+  auto v_stage = [](int n) { return Traits::kStagesV == 1 ? 0 : n % 2; };
   auto k_tile = [&](int n) { return sK + stage(n) * Traits::kTileKVBytes; };
-  auto v_tile = [&](int n) { return sV + stage(n) * Traits::kTileKVBytes; };
+  auto v_tile = [&](int n) { return sV + v_stage(n) * Traits::kTileKVBytes; };
   auto load_k = [&](int n) {
     load_tile<kBlockN, kHeadDim, kNThreads>(k_tile(n), blk.k_ptr, params.k_stride.row, n * kBlockN,
                                             len_k - n * kBlockN, tid, params.k);
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
       wgmma_wait<0>();
       fence_accumulator(acc_o[0]);
     }
-  } else {
+  } else if constexpr (Traits::kStagesV == 2) {
     // One barrier per tile. Iteration n issues S = Q K(n)^T and O += P(n + 1) V(n + 1) together, then
     // runs the softmax of S(n) while the second product is in flight; O is rescaled once it has landed.
     // The copies of K(n - 1) and V(n) (into the stages of K(n + 1) and V(n + 2), both done with) overlap
@@ -260,6 +262,63 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
       wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
       fence_accumulator(acc_o[0]);
       fence_operand(p_frag[0]);
+      rescale_o(acc_o, alpha);
+      pack_p<ET>(acc_s, p_frag);
+    }
+    cp_async_wait<0>();  // V(0)
+    fence_proxy_async();
+    __syncthreads();
+    issue_pv(0);
+    wgmma_wait<0>();
+    fence_accumulator(acc_o[0]);
+  } else {
+    // One V buffer. Iteration n: wait for K(n), start the copy of K(n - 1), issue S(n); wait for V(n + 1)
+    // (its copy ran under the previous softmax and this S), issue O += P(n + 1) V(n + 1), run the softmax
+    // of S(n) under it; once it is done (every warp: a barrier) start the copy of V(n). Copy groups stay
+    // in the order K(n), V(n + 1) at the top of iteration n (empty groups where a tile does not exist).
+    if (n_last > 0) load_k(n_last - 1);
+    cp_async_commit();
+    load_v(n_last);
+    cp_async_commit();
+    if (kHasKpm) {
+      publish_kpm(n_last);
+      if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
+    }
+    cp_async_wait<2>();  // Q, K(n_last)
+    fence_proxy_async();
+    __syncthreads();
+    issue_qk(n_last);
+    wgmma_wait<0>();
+    fence_accumulator(acc_s[0]);
+    mask_tile(n_last);
+    float alpha[1][2];
+    softmax_in_place(acc_s, row_max, row_sum, alpha);  // O is still 0: nothing to rescale
+    pack_p<ET>(acc_s, p_frag);
+
+    for (int n = n_last - 1; n >= 0; --n) {
+      if (kHasKpm) publish_kpm(n);
+      cp_async_wait<1>();  // K(n); V(n + 1) may still be in flight
+      fence_proxy_async();
+      __syncthreads();
+      if (n > 0) load_k(n - 1);
+      cp_async_commit();
+      if (kHasKpm && n > 0) kpm_next = fetch_kpm(n - 1);
+      issue_qk(n);
+
+      cp_async_wait<1>();  // V(n + 1); K(n - 1) may still be in flight
+      fence_proxy_async();
+      __syncthreads();
+      issue_pv(n + 1);
+      wgmma_wait<1>();  // S(n)
+      fence_accumulator(acc_s[0]);
+      mask_tile(n);
+      softmax_in_place(acc_s, row_max, row_sum, alpha);
+      wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
+      fence_accumulator(acc_o[0]);
+      fence_operand(p_frag[0]);
+      __syncthreads();  // no warp reads V(n + 1) any more
+      load_v(n);
+      cp_async_commit();
       rescale_o(acc_o, alpha);
       pack_p<ET>(acc_s, p_frag);
     }

@@ -112,18 +112,20 @@ struct FwdConfig<256> {
 // kBlockM query rows = kBlockM / 64 warpgroups of 64 rows (16 per warp, the accumulator layout of the
 // mma.sync kernel with one m16 slab), key tiles of kBlockN keys. Q, K and V tiles live in shared memory
 // with the 128-byte swizzle (wgmma.cuh): a tile of R rows is D / 64 column blocks of R x 128 bytes.
-//   sQ [kBlockM x D], sK [kStages][kBlockN x D], sV [kStages][kBlockN x D], key padding bits
-//   (kStages x kBlockN / 32 words).
+//   sQ [kBlockM x D], sK [kStagesK][kBlockN x D], sV [kStagesV][kBlockN x D], key padding bits
+//   (kStagesK x kBlockN / 32 words).
 // Q and K are the K-major operands of S; V is the MN-major B operand of O += P V, P in registers.
 // kOverlap: the softmax of tile n runs while the MMAs of O += P V of tile n + 1 run (the two products
-// of an iteration are issued together), with K and V tiles in a 2-stage ring.
-template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false>
+// of an iteration are issued together), with K tiles in a 2-stage ring and V tiles in a 2-stage ring
+// (kStagesV = 2) or in one buffer refilled once P V has read it (kStagesV = 1, less shared memory).
+template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1)>
 struct FwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr bool kOverlap = kOverlap_;
-  static constexpr int kStages = kOverlap ? 2 : 1;
+  static constexpr int kStagesK = kOverlap ? 2 : 1;
+  static constexpr int kStagesV = kStagesV_;
   static constexpr int kNWarps = kBlockM / 16;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kNFragsS = kBlockN / 8;   // n8 fragments of S per thread
@@ -134,16 +136,18 @@ struct FwdSm90Traits {
 
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
   static constexpr int kOffK = kBlockM * kHeadDim * 2;
-  static constexpr int kOffV = kOffK + kStages * kTileKVBytes;
-  static constexpr int kOffMask = kOffV + kStages * kTileKVBytes;
-  static constexpr int kMaskWords = kBlockN / 32;  // per stage
-  static constexpr int kSmemBytes = kOffMask + 16 * ((kStages * kMaskWords * 4 + 15) / 16);
+  static constexpr int kOffV = kOffK + kStagesK * kTileKVBytes;
+  static constexpr int kOffMask = kOffV + kStagesV * kTileKVBytes;
+  static constexpr int kMaskWords = kBlockN / 32;  // per K stage
+  static constexpr int kSmemBytes = kOffMask + 16 * ((kStagesK * kMaskWords * 4 + 15) / 16);
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
   static_assert(kBlockM % 64 == 0 && kNThreads <= 1024, "whole warpgroups of 64 rows");
   static_assert(kBlockN <= kNThreads, "one thread per key fetches the key padding byte");
   static_assert(kOffK % 1024 == 0 && kOffV % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
+  static_assert(kStagesV == 2 || (kStagesV == 1 && (kOverlap || kStagesK == 1)), "1 or 2 V stages");
+  static_assert(kOverlap || kStagesV == 1, "the serial schedule has one V buffer");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -157,12 +161,16 @@ struct FwdSm90Traits {
 //      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128) (1.06-1.15x / 1.28-1.45x);
 //   4: 64 x 128 like 1, overlapped (D = 64: 72 KB, 2 blocks per SM; D = 128: 144 KB, 1 block per SM)
 //      (1.19-1.28x: the D = 64 default / 1.02-1.18x);
-//   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM) (1.16-1.39x / 1.22-1.35x).
+//   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM) (1.16-1.39x / 1.22-1.35x);
+//   6: 64 x 128 overlapped with one V buffer (D = 128: 112 KB, 2 blocks per SM, unlike 4): the copy of
+//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 5, "no wgmma forward variant with this number");
-  static constexpr int kShape = kVariant % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
-  using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, (kVariant >= 3)>;
+  static_assert(kVariant >= 0 && kVariant <= 6, "no wgmma forward variant with this number");
+  static constexpr int kShape = kVariant == 6 ? 1 : kVariant % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
+  static constexpr bool kOverlap = kVariant >= 3;
+  using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
+                               kVariant == 6 ? 1 : (kOverlap ? 2 : 1)>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 4
