@@ -220,71 +220,30 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
       wgmma_wait<0>();
       fence_accumulator(acc_o[0]);
     }
-  } else if constexpr (Traits::kStagesV == 2) {
-    // One barrier per tile. Iteration n issues S = Q K(n)^T and O += P(n + 1) V(n + 1) together, then
-    // runs the softmax of S(n) while the second product is in flight; O is rescaled once it has landed.
-    // The copies of K(n - 1) and V(n) (into the stages of K(n + 1) and V(n + 2), both done with) overlap
-    // the whole iteration.
-    load_v(n_last);
-    if (n_last > 0) load_k(n_last - 1);
-    cp_async_commit();
-    if (kHasKpm) {
-      publish_kpm(n_last);
-      if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
-    }
-    cp_async_wait<1>();  // Q, K(n_last)
-    fence_proxy_async();
-    __syncthreads();
-    issue_qk(n_last);
-    wgmma_wait<0>();
-    fence_accumulator(acc_s[0]);
-    mask_tile(n_last);
-    float alpha[1][2];
-    softmax_in_place(acc_s, row_max, row_sum, alpha);  // O is still 0: nothing to rescale
-    pack_p<ET>(acc_s, p_frag);
-
-    for (int n = n_last - 1; n >= 0; --n) {
-      if (kHasKpm) publish_kpm(n);
-      cp_async_wait<0>();  // K(n), V(n + 1)
-      fence_proxy_async();
-      __syncthreads();
-      if (n > 0) load_k(n - 1);
-      load_v(n);
-      cp_async_commit();
-      if (kHasKpm && n > 0) kpm_next = fetch_kpm(n - 1);
-
-      issue_qk(n);
-      issue_pv(n + 1);
-      wgmma_wait<1>();  // S(n)
-      fence_accumulator(acc_s[0]);
-      mask_tile(n);
-      softmax_in_place(acc_s, row_max, row_sum, alpha);
-      wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
-      fence_accumulator(acc_o[0]);
-      fence_operand(p_frag[0]);
-      rescale_o(acc_o, alpha);
-      pack_p<ET>(acc_s, p_frag);
-    }
-    cp_async_wait<0>();  // V(0)
-    fence_proxy_async();
-    __syncthreads();
-    issue_pv(0);
-    wgmma_wait<0>();
-    fence_accumulator(acc_o[0]);
   } else {
-    // One V buffer. Iteration n: wait for K(n), start the copy of K(n - 1), issue S(n); wait for V(n + 1)
-    // (its copy ran under the previous softmax and this S), issue O += P(n + 1) V(n + 1), run the softmax
-    // of S(n) under it; once it is done (every warp: a barrier) start the copy of V(n). Copy groups stay
-    // in the order K(n), V(n + 1) at the top of iteration n (empty groups where a tile does not exist).
-    if (n_last > 0) load_k(n_last - 1);
-    cp_async_commit();
-    load_v(n_last);
+    // One barrier per tile with two V stages. Iteration n issues S = Q K(n)^T and O += P(n + 1) V(n + 1)
+    // together, then runs the softmax of S(n) while the second product is in flight; O is rescaled once
+    // it has landed. The copies of K(n - 1) and V(n) (into the stages of K(n + 1) and V(n + 2), both done
+    // with) overlap the whole iteration.
+    // With one V buffer (kOneV): wait for K(n), start the copy of K(n - 1), issue S(n); wait for V(n + 1)
+    // (its copy ran under the previous softmax and this S), issue P V; once every warp is done with it
+    // (a barrier) start the copy of V(n). Copy groups then stay in the order K(n), V(n + 1) at the top of
+    // iteration n (empty groups where a tile does not exist).
+    constexpr bool kOneV = Traits::kStagesV == 1;
+    if constexpr (kOneV) {
+      if (n_last > 0) load_k(n_last - 1);
+      cp_async_commit();
+      load_v(n_last);
+    } else {
+      load_v(n_last);
+      if (n_last > 0) load_k(n_last - 1);
+    }
     cp_async_commit();
     if (kHasKpm) {
       publish_kpm(n_last);
       if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
     }
-    cp_async_wait<2>();  // Q, K(n_last)
+    cp_async_wait<kOneV ? 2 : 1>();  // Q, K(n_last)
     fence_proxy_async();
     __syncthreads();
     issue_qk(n_last);
@@ -297,17 +256,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
 
     for (int n = n_last - 1; n >= 0; --n) {
       if (kHasKpm) publish_kpm(n);
-      cp_async_wait<1>();  // K(n); V(n + 1) may still be in flight
+      cp_async_wait<kOneV ? 1 : 0>();  // K(n), and V(n + 1) with two V stages
       fence_proxy_async();
       __syncthreads();
       if (n > 0) load_k(n - 1);
+      if constexpr (!kOneV) load_v(n);
       cp_async_commit();
       if (kHasKpm && n > 0) kpm_next = fetch_kpm(n - 1);
-      issue_qk(n);
 
-      cp_async_wait<1>();  // V(n + 1); K(n - 1) may still be in flight
-      fence_proxy_async();
-      __syncthreads();
+      issue_qk(n);
+      if constexpr (kOneV) {
+        cp_async_wait<1>();  // V(n + 1); K(n - 1) may still be in flight
+        fence_proxy_async();
+        __syncthreads();
+      }
       issue_pv(n + 1);
       wgmma_wait<1>();  // S(n)
       fence_accumulator(acc_s[0]);
@@ -316,9 +278,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(co
       wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
       fence_accumulator(acc_o[0]);
       fence_operand(p_frag[0]);
-      __syncthreads();  // no warp reads V(n + 1) any more
-      load_v(n);
-      cp_async_commit();
+      if constexpr (kOneV) {
+        __syncthreads();  // no warp reads V(n + 1) any more
+        load_v(n);
+        cp_async_commit();
+      }
       rescale_o(acc_o, alpha);
       pack_p<ET>(acc_s, p_frag);
     }
