@@ -58,7 +58,7 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* sli
 }  // namespace sm90
 
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
-__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_sm90_kernel(const FwdParams params) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_fwd_sm90_kernel(const FwdParams params) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using ET = ElemTraits<Element>;
   using namespace fwd_detail;

@@ -118,8 +118,10 @@ struct FwdConfig<256> {
 // kOverlap: the softmax of tile n runs while the MMAs of O += P V of tile n + 1 run (the two products
 // of an iteration are issued together), with K tiles in a 2-stage ring and V tiles in a 2-stage ring
 // (kStagesV = 2) or in one buffer refilled once P V has read it (kStagesV = 1, less shared memory).
-template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1)>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
+          int kMinBlocks_ = 1>
 struct FwdSm90Traits {
+  static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -163,14 +165,16 @@ struct FwdSm90Traits {
 //      (1.19-1.28x: the D = 64 default / 1.02-1.18x);
 //   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM) (1.16-1.39x / 1.22-1.35x);
 //   6: 64 x 128 overlapped with one V buffer (D = 128: 112 KB, 2 blocks per SM, unlike 4): the copy of
-//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (not yet run on a GPU).
+//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (not yet run on a GPU);
+//   7: 4 with registers capped for 3 blocks per SM at D = 64 (168 registers, 16-48 bytes of spills; 72 KB
+//      of shared memory each), 4 itself at D = 128 (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 6, "no wgmma forward variant with this number");
-  static constexpr int kShape = kVariant == 6 ? 1 : kVariant % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
+  static_assert(kVariant >= 0 && kVariant <= 7, "no wgmma forward variant with this number");
+  static constexpr int kShape = kVariant >= 6 ? 1 : kVariant % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kVariant >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
-                               kVariant == 6 ? 1 : (kOverlap ? 2 : 1)>;
+                               kVariant == 6 ? 1 : (kOverlap ? 2 : 1), kVariant == 7 && kHeadDim == 64 ? 3 : 1>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 4
