@@ -479,7 +479,6 @@ def sweep(settings: Settings) -> list[Row]:
                 if to_time:
                     bar.set_postfix_str(f"{settings.rounds} rounds of {', '.join(to_time)} {where}")
                     timed = time_in_rounds(to_time, results, settings)
-                    del to_time
                     for label, result in timed.items():
                         note_failure(label, where, result)
                     results.update(timed)

@@ -216,6 +216,13 @@ def plot_metric(records: Sequence[Record], key: str, ylabel: str, out_dir: Path)
     return written
 
 
+def write_plots(records: Sequence[Record], out_dir: Path) -> list[Path]:
+    """The benchmark's plots: TFLOP/s and peak memory against N. Returns the written PNG paths."""
+    return plot_metric(records, "tflops", "TFLOP/s", out_dir) + plot_metric(
+        records, "peak_mib", "peak memory (MiB)", out_dir
+    )
+
+
 def _draw_panel(axis: Any, records: Sequence[Record], backends: Sequence[str], key: str, ylabel: str) -> None:
     for backend in backends:
         points = sorted((r["seqlen"], r[key]) for r in records if r["backend"] == backend)
@@ -253,6 +260,5 @@ def write_report(
     if plots and importlib.util.find_spec("matplotlib") is None:
         warnings.warn("matplotlib is not installed: no plots (pip install matplotlib)", stacklevel=2)
     elif plots:
-        plot_metric(records, "tflops", "TFLOP/s", out_dir)
-        plot_metric(records, "peak_mib", "peak memory (MiB)", out_dir)
+        write_plots(records, out_dir)
     return text

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.report import plot_metric, read_csv
+from benchmarks.report import read_csv, write_plots
 
 
 def main() -> None:
@@ -26,10 +26,7 @@ def main() -> None:
     records = read_csv(args.csv)
     out_dir = args.out_dir or args.csv.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = plot_metric(records, "tflops", "TFLOP/s", out_dir) + plot_metric(
-        records, "peak_mib", "peak memory (MiB)", out_dir
-    )
-    for path in written:
+    for path in write_plots(records, out_dir):
         print(path)
 
 

@@ -75,8 +75,8 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
 }
 
 // The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A), an sm_90 device and head dim 64 or 128
-// (on the H200 it is 1.19-1.28x (D = 64) and 1.27-1.48x (D = 128) SDPA flash, the mma.sync kernel
-// 0.93-1.09x and 0.99-1.05x: docs/perf.md, v5 and v6). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel
+// (on the H200, in one process: 1.17-1.28x (D = 64) and 1.31-1.42x (D = 128) SDPA flash, the mma.sync
+// kernel 0.98-1.08x and 0.97-1.03x: docs/perf.md, v6). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel
 // everywhere (to compare the two); =1 is the default.
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
   const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
