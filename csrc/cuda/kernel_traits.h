@@ -154,20 +154,21 @@ struct FwdSm90Traits {
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
 // `FWD_TILE_KERNEL=sm90 bash scripts/gpu_check.sh fwdtiles` builds and times them against SDPA flash
-// (docs/perf.md, v5 and v6, has the H200 numbers; below: ratio to SDPA flash, N = 1024-16384, D = 64 / 128).
+// (docs/perf.md, v5-v7, has the H200 numbers; below: ratio to SDPA flash, N = 1024-16384, D = 64 / 128).
 //   0: 128 x 128, 2 warpgroups that meet at the block's barriers (0.93-1.03x / 1.20-1.38x);
 //   1: 64 x 128, 1 warpgroup per block, 2 blocks per SM: the blocks of an SM run their softmax and MMAs
-//      out of step, which 0's shared barriers prevent (1.05-1.16x / 1.27-1.48x: the D = 128 default);
+//      out of step, which 0's shared barriers prevent (1.05-1.16x / 1.27-1.48x);
 //   2: 64 x 64, 1 warpgroup per block, fewer registers for S, 2-3 blocks per SM (1.01-1.26x / 1.24-1.41x);
 //   3: 128 x 128 like 0, with the softmax of a tile overlapping the P V MMAs of the previous one
 //      (kOverlap; 2-stage K / V ring, 160 KB of shared memory at D = 128) (1.06-1.15x / 1.28-1.45x);
 //   4: 64 x 128 like 1, overlapped (D = 64: 72 KB, 2 blocks per SM; D = 128: 144 KB, 1 block per SM)
-//      (1.19-1.28x: the D = 64 default / 1.02-1.18x);
+//      (1.17-1.30x / 1.02-1.18x);
 //   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM) (1.16-1.39x / 1.22-1.35x);
 //   6: 64 x 128 overlapped with one V buffer (D = 128: 112 KB, 2 blocks per SM, unlike 4): the copy of
-//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (not yet run on a GPU);
+//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (1.16-1.27x / 1.34-1.41x: the D = 128
+//      default);
 //   7: 4 with registers capped for 3 blocks per SM at D = 64 (168 registers, 16-48 bytes of spills; 72 KB
-//      of shared memory each), 4 itself at D = 128 (not yet run on a GPU).
+//      of shared memory each), 4 itself at D = 128 (1.20-1.38x: the D = 64 default / 1.02-1.18x).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 7, "no wgmma forward variant with this number");
@@ -177,10 +178,10 @@ struct FwdSm90Variant {
                                kVariant == 6 ? 1 : (kOverlap ? 2 : 1), kVariant == 7 && kHeadDim == 64 ? 3 : 1>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
-#define FLASH_FWD_SM90_VARIANT_HDIM64 4
+#define FLASH_FWD_SM90_VARIANT_HDIM64 7
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 1
+#define FLASH_FWD_SM90_VARIANT_HDIM128 6
 #endif
 
 template <int kHeadDim>
