@@ -116,6 +116,39 @@ def test_both_forward_kernels_on_hopper(monkeypatch, wgmma, shape, mask_kind, he
     check_against_sdpa(q, k, v, kwargs)
 
 
+# Layouts of K and V through the Hopper forward: strided views (bulk tensor copies address them), heads
+# or batches broadcast with stride 0 and odd strides of extent-1 dims (copied with cp.async instead).
+LAYOUTS = ["bnhd", "heads_broadcast", "batch_broadcast", "one_head_odd_stride"]
+
+
+def kv_in_layout(layout: str, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype):
+    def rand(*size):
+        return torch.randn(*size, device="cuda").to(dtype)
+
+    if layout == "bnhd":
+        return [rand(batch, length, heads, head_dim).transpose(1, 2) for _ in "kv"]
+    if layout == "heads_broadcast":
+        return [rand(batch, 1, length, head_dim).expand(batch, heads, length, head_dim) for _ in "kv"]
+    if layout == "batch_broadcast":
+        return [rand(1, heads, length, head_dim).expand(batch, heads, length, head_dim) for _ in "kv"]
+    # one head whose (unused) head stride is 3 elements
+    size, stride = (batch, 1, length, head_dim), (length * head_dim, 3, head_dim, 1)
+    return [rand(batch * length * head_dim).as_strided(size, stride) for _ in "kv"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mask_kind", ["none", "padding+causal"])
+def test_hopper_forward_layouts(monkeypatch, layout, head_dim, mask_kind):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    heads = 1 if layout == "one_head_odd_stride" else 3
+    batch, len_q, len_k = 2, 150, 333
+    k, v = kv_in_layout(layout, batch, heads, len_k, head_dim, torch.bfloat16)
+    q, _, _, kwargs = make((batch, heads, heads, len_q, len_k), head_dim, torch.bfloat16, mask_kind, seed=7)
+    check_against_sdpa(q, k, v, kwargs)
+
+
 @pytest.mark.parametrize(
     ("wgmma", "head_dim", "expected"),
     [(None, 128, True), ("0", 128, False), (None, 64, True), ("0", 64, False), ("1", 64, True)],

@@ -205,8 +205,9 @@ auto select_one_pass_kernel(const FwdParams& params, KernelOf kernel_of) {
 // Launches a one-pass forward kernel with tiles Traits on the grid (query tiles, Hq, B).
 // Requirements checked by the caller: B, Hq <= 65535, len_q, len_k < 2^31, q/k/v base pointers and
 // batch/head/row strides 16-byte aligned.
-template <typename Traits, typename KernelOf>
-void launch_one_pass_fwd(const FwdParams& params, cudaStream_t stream, KernelOf kernel_of) {
+// Arguments after params (extra) go to the kernel as they are.
+template <typename Traits, typename KernelOf, typename... Extra>
+void launch_one_pass_fwd(const FwdParams& params, cudaStream_t stream, KernelOf kernel_of, const Extra&... extra) {
   const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const dim3 grid(num_m_blocks, params.heads_q, params.batch);
   constexpr int kSmem = Traits::kSmemBytes;
@@ -214,7 +215,7 @@ void launch_one_pass_fwd(const FwdParams& params, cudaStream_t stream, KernelOf 
   if (kSmem > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   }
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params, extra...);
 }
 
 }  // namespace flash

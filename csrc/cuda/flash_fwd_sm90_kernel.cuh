@@ -14,6 +14,9 @@
 //          together and the softmax of S(n) runs while the second is in flight. With one V buffer
 //          (kStagesV = 1) the copy of V(n) waits for P V(n + 1) and lands under S(n - 1): three barriers
 //          per tile, cheap with one warpgroup per block.
+//   With Traits::kTma the K and V tiles come by bulk tensor copies (tma.cuh) that thread 0 issues once
+//   the block barrier says a stage is free, each stage on its own mbarrier; each thread waits for a
+//   tile's barrier right before the MMA that reads it. Q still comes by cp.async.
 // Compiled to a trap for other targets; run_fwd_sm90 is only called on sm_90 devices of a build that
 // includes sm_90a (FLASH_WITH_SM90A, see flash_fwd_api.cpp).
 #pragma once
@@ -21,12 +24,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "flash_fwd_common.cuh"
 #include "flash_launch.h"
 #include "flash_params.h"
 #include "flash_utils.cuh"
 #include "kernel_traits.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace flash {
@@ -58,7 +63,8 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* sli
 }  // namespace sm90
 
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_fwd_sm90_kernel(const FwdParams params) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
+    flash_fwd_sm90_kernel(const FwdParams params, const __grid_constant__ sm90::KvTensorMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using ET = ElemTraits<Element>;
   using namespace fwd_detail;
@@ -96,16 +102,46 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
   auto v_stage = [](int n) { return Traits::kStagesV == 1 ? 0 : n % 2; };
   auto k_tile = [&](int n) { return sK + stage(n) * Traits::kTileKVBytes; };
   auto v_tile = [&](int n) { return sV + v_stage(n) * Traits::kTileKVBytes; };
+  constexpr bool kTma = Traits::kTma;
+  // kTma: one mbarrier per K stage, then one per V stage. Tiles run from n_last down and alternate
+  // stages, so tile n is use (n_last - n) / stages of its stage's barrier.
+  const int n_last = blk.n_block_max - 1;
+  const uint32_t bar_k = sQ + Traits::kOffBar;
+  const uint32_t bar_v = bar_k + 8 * Traits::kStagesK;
+  const int h_kv = blk.h / params.group;
+  auto tma_tile = [&](const CUtensorMap* map, uint32_t tile, uint32_t bar, int n) {
+    mbar_arrive_expect_tx(bar, Traits::kTileKVBytes);
+#pragma unroll
+    for (int cb = 0; cb < kHeadDim / 64; ++cb) tma_load_4d(tile + cb * kBlockN * 128, map, bar, cb * 64, n * kBlockN, h_kv, blk.b);
+  };
+  // Called by every thread; with kTma thread 0 issues the copy.
   auto load_k = [&](int n) {
-    load_tile<kBlockN, kHeadDim, kNThreads>(k_tile(n), blk.k_ptr, params.k_stride.row, n * kBlockN,
-                                            len_k - n * kBlockN, tid, params.k);
+    if constexpr (kTma) {
+      if (tid == 0) tma_tile(&maps.k, k_tile(n), bar_k + 8 * stage(n), n);
+    } else {
+      load_tile<kBlockN, kHeadDim, kNThreads>(k_tile(n), blk.k_ptr, params.k_stride.row, n * kBlockN,
+                                              len_k - n * kBlockN, tid, params.k);
+    }
   };
   auto load_v = [&](int n) {
-    load_tile<kBlockN, kHeadDim, kNThreads>(v_tile(n), blk.v_ptr, params.v_stride.row, n * kBlockN,
-                                            len_k - n * kBlockN, tid, params.v);
+    if constexpr (kTma) {
+      if (tid == 0) tma_tile(&maps.v, v_tile(n), bar_v + 8 * v_stage(n), n);
+    } else {
+      load_tile<kBlockN, kHeadDim, kNThreads>(v_tile(n), blk.v_ptr, params.v_stride.row, n * kBlockN,
+                                              len_k - n * kBlockN, tid, params.v);
+    }
   };
+  auto wait_k = [&](int n) { mbar_wait(bar_k + 8 * stage(n), uint32_t((n_last - n) / Traits::kStagesK) & 1u); };
+  auto wait_v = [&](int n) { mbar_wait(bar_v + 8 * v_stage(n), uint32_t((n_last - n) / Traits::kStagesV) & 1u); };
+  if constexpr (kTma) {
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) mbar_init(bar_k + 8 * i, 1);
+      fence_mbar_init();
+    }
+    __syncthreads();
+  }
 
-  const int n_last = blk.n_block_max - 1;
   load_tile<kBlockM, kHeadDim, kNThreads>(sQ, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid, params.q);
   load_k(n_last);
   cp_async_commit();
@@ -229,6 +265,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
     // (its copy ran under the previous softmax and this S), issue P V; once every warp is done with it
     // (a barrier) start the copy of V(n). Copy groups then stay in the order K(n), V(n + 1) at the top of
     // iteration n (empty groups where a tile does not exist).
+    // With kTma the cp.async groups hold Q only; the barriers say when K and V tiles have landed.
     constexpr bool kOneV = Traits::kStagesV == 1;
     if constexpr (kOneV) {
       if (n_last > 0) load_k(n_last - 1);
@@ -243,7 +280,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
       publish_kpm(n_last);
       if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
     }
-    cp_async_wait<kOneV ? 2 : 1>();  // Q, K(n_last)
+    cp_async_wait<kTma ? 0 : (kOneV ? 2 : 1)>();  // Q, K(n_last)
+    if constexpr (kTma) wait_k(n_last);
     fence_proxy_async();
     __syncthreads();
     issue_qk(n_last);
@@ -256,16 +294,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
 
     for (int n = n_last - 1; n >= 0; --n) {
       if (kHasKpm) publish_kpm(n);
-      cp_async_wait<kOneV ? 1 : 0>();  // K(n), and V(n + 1) with two V stages
-      fence_proxy_async();
-      __syncthreads();
+      if constexpr (!kTma) {
+        cp_async_wait<kOneV ? 1 : 0>();  // K(n), and V(n + 1) with two V stages
+        fence_proxy_async();
+      }
+      __syncthreads();  // every warp is done with the stages of K(n + 1) and (two V stages) V(n + 2)
       if (n > 0) load_k(n - 1);
       if constexpr (!kOneV) load_v(n);
-      cp_async_commit();
+      if constexpr (!kTma) cp_async_commit();
       if (kHasKpm && n > 0) kpm_next = fetch_kpm(n - 1);
 
+      if constexpr (kTma) wait_k(n);
       issue_qk(n);
-      if constexpr (kOneV) {
+      if constexpr (kTma) {
+        wait_v(n + 1);
+      } else if constexpr (kOneV) {
         cp_async_wait<1>();  // V(n + 1); K(n - 1) may still be in flight
         fence_proxy_async();
         __syncthreads();
@@ -281,14 +324,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
       if constexpr (kOneV) {
         __syncthreads();  // no warp reads V(n + 1) any more
         load_v(n);
-        cp_async_commit();
+        if constexpr (!kTma) cp_async_commit();
       }
       rescale_o(acc_o, alpha);
       pack_p<ET>(acc_s, p_frag);
     }
-    cp_async_wait<0>();  // V(0)
-    fence_proxy_async();
-    __syncthreads();
+    if constexpr (kTma) {
+      wait_v(0);
+    } else {
+      cp_async_wait<0>();  // V(0)
+      fence_proxy_async();
+      __syncthreads();
+    }
     issue_pv(0);
     wgmma_wait<0>();
     fence_accumulator(acc_o[0]);
@@ -326,13 +373,36 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) flash_f
 #endif
 }
 
-// Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device.
+template <typename Traits, typename Element>
+void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::KvTensorMaps& maps) {
+  launch_one_pass_fwd<Traits>(
+      params, stream,
+      [](auto causal, auto kpm) {
+        return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
+      },
+      maps);
+}
+
+// Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device. Tiles with
+// kTma fall back to cp.async copies when a tensor map of K or V cannot be made (e.g. a stride the copy
+// engine cannot address).
 template <typename Element, int HeadDim>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = typename FwdSm90Config<HeadDim>::Traits;
-  launch_one_pass_fwd<Traits>(params, stream, [](auto causal, auto kpm) {
-    return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
-  });
+  sm90::KvTensorMaps maps{};
+  if constexpr (Traits::kTma) {
+    constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
+    const bool mapped =
+        make_kv_tensor_map(&maps.k, params.k, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
+                           params.k_stride, Traits::kBlockN) &&
+        make_kv_tensor_map(&maps.v, params.v, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
+                           params.v_stride, Traits::kBlockN);
+    if (mapped) {
+      launch_fwd_sm90<Traits, Element>(params, stream, maps);
+      return;
+    }
+  }
+  launch_fwd_sm90<typename Traits::WithoutTma, Element>(params, stream, maps);
 }
 
 }  // namespace flash

@@ -118,10 +118,15 @@ struct FwdConfig<256> {
 // kOverlap: the softmax of tile n runs while the MMAs of O += P V of tile n + 1 run (the two products
 // of an iteration are issued together), with K tiles in a 2-stage ring and V tiles in a 2-stage ring
 // (kStagesV = 2) or in one buffer refilled once P V has read it (kStagesV = 1, less shared memory).
+// kTma: K and V tiles come by bulk tensor copies (tma.cuh) that one thread issues, each stage with its
+// mbarrier, instead of cp.async from every thread (overlapped schedule only).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
-          int kMinBlocks_ = 1>
+          int kMinBlocks_ = 1, bool kTma_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
+  static constexpr bool kTma = kTma_;
+  // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
+  using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -141,7 +146,8 @@ struct FwdSm90Traits {
   static constexpr int kOffV = kOffK + kStagesK * kTileKVBytes;
   static constexpr int kOffMask = kOffV + kStagesV * kTileKVBytes;
   static constexpr int kMaskWords = kBlockN / 32;  // per K stage
-  static constexpr int kSmemBytes = kOffMask + 16 * ((kStagesK * kMaskWords * 4 + 15) / 16);
+  static constexpr int kOffBar = kOffMask + 16 * ((kStagesK * kMaskWords * 4 + 15) / 16);  // kTma: mbarriers
+  static constexpr int kSmemBytes = kOffBar + (kTma ? 16 * ((8 * (kStagesK + kStagesV) + 15) / 16) : 0);
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
@@ -150,6 +156,7 @@ struct FwdSm90Traits {
   static_assert(kOffK % 1024 == 0 && kOffV % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
   static_assert(kStagesV == 2 || (kStagesV == 1 && (kOverlap || kStagesK == 1)), "1 or 2 V stages");
   static_assert(kOverlap || kStagesV == 1, "the serial schedule has one V buffer");
+  static_assert(kOverlap || !kTma, "bulk tensor copies in the overlapped schedule only");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -168,14 +175,18 @@ struct FwdSm90Traits {
 //      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (1.16-1.27x / 1.34-1.41x: the D = 128
 //      default);
 //   7: 4 with registers capped for 3 blocks per SM at D = 64 (168 registers, 16-48 bytes of spills; 72 KB
-//      of shared memory each), 4 itself at D = 128 (1.20-1.38x: the D = 64 default / 1.02-1.18x).
+//      of shared memory each), 4 itself at D = 128 (1.20-1.38x: the D = 64 default / 1.02-1.18x);
+//   8: the defaults (7 at D = 64, 6 at D = 128) with K and V copied by TMA (kTma) (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 7, "no wgmma forward variant with this number");
-  static constexpr int kShape = kVariant >= 6 ? 1 : kVariant % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
-  static constexpr bool kOverlap = kVariant >= 3;
+  static_assert(kVariant >= 0 && kVariant <= 8, "no wgmma forward variant with this number");
+  static constexpr bool kTma = kVariant == 8;
+  // Variant 8 is variant 7 (D = 64) or 6 (D = 128) with TMA copies.
+  static constexpr int kBase = kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant;
+  static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
+  static constexpr bool kOverlap = kBase >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
-                               kVariant == 6 ? 1 : (kOverlap ? 2 : 1), kVariant == 7 && kHeadDim == 64 ? 3 : 1>;
+                               kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 7
