@@ -189,10 +189,10 @@ struct FwdSm90Variant {
                                kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
-#define FLASH_FWD_SM90_VARIANT_HDIM64 7
+#define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 6
+#define FLASH_FWD_SM90_VARIANT_HDIM128 8
 #endif
 
 template <int kHeadDim>
