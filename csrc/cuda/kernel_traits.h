@@ -172,11 +172,12 @@ struct FwdSm90Traits {
 //      (1.17-1.30x / 1.02-1.18x);
 //   5: 64 x 64 like 2, overlapped (D = 128: 80 KB, 2 blocks per SM) (1.16-1.39x / 1.22-1.35x);
 //   6: 64 x 128 overlapped with one V buffer (D = 128: 112 KB, 2 blocks per SM, unlike 4): the copy of
-//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (1.16-1.27x / 1.34-1.41x: the D = 128
-//      default);
+//      V(n) starts once P V(n + 1) is done and lands under S(n - 1) (1.16-1.27x / 1.34-1.41x);
 //   7: 4 with registers capped for 3 blocks per SM at D = 64 (168 registers, 16-48 bytes of spills; 72 KB
-//      of shared memory each), 4 itself at D = 128 (1.20-1.38x: the D = 64 default / 1.02-1.18x);
-//   8: the defaults (7 at D = 64, 6 at D = 128) with K and V copied by TMA (kTma) (not yet run on a GPU).
+//      of shared memory each), 4 itself at D = 128 (1.20-1.38x / 1.02-1.18x);
+//   8: 7 at D = 64 and 6 at D = 128 with K and V copied by TMA (kTma): no per-thread copy addresses, 157-168
+//      registers without spills at D = 64, 205-224 at D = 128 (1.34-1.50x / 1.35-1.49x; in the same call
+//      7: 1.23-1.40x, 6: 1.35-1.49x: the default for both).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 8, "no wgmma forward variant with this number");
