@@ -60,6 +60,20 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* sli
   }
 }
 
+// Ends the softmax of S(n) before the wait for O += P V(n + 1), so that it runs while that MMA does.
+// ptxas schedules a basic block as a whole and puts the wgmma wait early, ahead of register-only math
+// that the source places before it: without this the row max, the exponentials and the row sums ran
+// after the wait (SASS: scripts/sass_segments.py, docs/perf.md v9). The register fences keep the math
+// above this point in the PTX; the branch, never taken (a row sum is never negative), ends the basic block
+// so that ptxas keeps it there.
+template <int NF>
+__device__ __forceinline__ void keep_above_wait(float (&acc_s)[NF][4], float (&row_sum)[1][2], float (&alpha)[1][2]) {
+  fence_accumulator(acc_s);
+  fence_accumulator(row_sum);
+  fence_accumulator(alpha);
+  if (row_sum[0][0] < -1.f) __trap();
+}
+
 }  // namespace sm90
 
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
@@ -318,6 +332,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       fence_accumulator(acc_s[0]);
       mask_tile(n);
       softmax_in_place(acc_s, row_max, row_sum, alpha);
+      if constexpr (Traits::kPinSoftmax) keep_above_wait(acc_s[0], row_sum, alpha);
       wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
       fence_accumulator(acc_o[0]);
       fence_operand(p_frag[0]);

@@ -121,12 +121,16 @@ struct FwdConfig<256> {
 // kTma: K and V tiles come by bulk tensor copies (tma.cuh) that one thread issues, each stage with its
 // mbarrier, instead of cp.async from every thread (overlapped schedule only).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
-          int kMinBlocks_ = 1, bool kTma_ = false>
+          int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
+  // kPinSoftmax (overlapped schedule): the softmax of S(n) is made to finish before the wait for
+  // O += P V(n + 1), so that it runs under that MMA (otherwise ptxas places the wait ahead of the row max,
+  // the exponentials and the row sums: sm90::keep_above_wait).
+  static constexpr bool kPinSoftmax = kPinSoftmax_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
-  using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false>;
+  using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false, kPinSoftmax_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -177,17 +181,21 @@ struct FwdSm90Traits {
 //      of shared memory each), 4 itself at D = 128 (1.20-1.38x / 1.02-1.18x);
 //   8: 7 at D = 64 and 6 at D = 128 with K and V copied by TMA (kTma): no per-thread copy addresses, 157-168
 //      registers without spills at D = 64, 205-224 at D = 128 (1.34-1.50x / 1.35-1.49x; in the same call
-//      7: 1.23-1.40x, 6: 1.35-1.49x: the default for both).
+//      7: 1.23-1.40x, 6: 1.35-1.49x: the default for both);
+//   9: 8 with the softmax kept under the P V MMA (kPinSoftmax; in the SASS of 3-8 only the scaling and
+//      masking of S ran there) (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 8, "no wgmma forward variant with this number");
-  static constexpr bool kTma = kVariant == 8;
-  // Variant 8 is variant 7 (D = 64) or 6 (D = 128) with TMA copies.
+  static_assert(kVariant >= 0 && kVariant <= 9, "no wgmma forward variant with this number");
+  static constexpr bool kTma = kVariant >= 8;
+  static constexpr bool kPinSoftmax = kVariant == 9;
+  // Variants 8 and 9 are variant 7 (D = 64) or 6 (D = 128) with TMA copies.
   static constexpr int kBase = kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant;
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
-                               kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma>;
+                               kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
+                               kPinSoftmax>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8

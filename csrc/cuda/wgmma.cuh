@@ -50,13 +50,15 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-// Keeps the compiler from moving accesses of an accumulator across the asynchronous MMA.
-template <int NF>
-__device__ __forceinline__ void fence_accumulator(float (&d)[NF][4]) {
+// Keeps the compiler from moving accesses of an accumulator across the asynchronous MMA; also pins
+// values computed before a wgmma_wait to that side of it (the compiler would otherwise sink register-only
+// math below the wait, out of the MMA's shadow).
+template <int NF, int E>
+__device__ __forceinline__ void fence_accumulator(float (&d)[NF][E]) {
 #pragma unroll
   for (int j = 0; j < NF; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+    for (int e = 0; e < E; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
 
 // The same for registers of a register A operand (P): live, unchanged, until the wgmma that reads them
