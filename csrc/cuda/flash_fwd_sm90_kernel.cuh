@@ -126,7 +126,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   auto tma_tile = [&](const CUtensorMap* map, uint32_t tile, uint32_t bar, int n) {
     mbar_arrive_expect_tx(bar, Traits::kTileKVBytes);
 #pragma unroll
-    for (int cb = 0; cb < kHeadDim / 64; ++cb) tma_load_4d(tile + cb * kBlockN * 128, map, bar, cb * 64, n * kBlockN, h_kv, blk.b);
+    for (int cb = 0; cb < kHeadDim / 64; ++cb) {  // one 64-column block of the tile per copy
+      tma_load_4d(tile + cb * kBlockN * 128, map, bar, cb * 64, n * kBlockN, h_kv, blk.b);
+    }
   };
   // Called by every thread; with kTma thread 0 issues the copy.
   auto load_k = [&](int n) {
@@ -145,8 +147,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
                                               len_k - n * kBlockN, tid, params.v);
     }
   };
-  auto wait_k = [&](int n) { mbar_wait(bar_k + 8 * stage(n), uint32_t((n_last - n) / Traits::kStagesK) & 1u); };
-  auto wait_v = [&](int n) { mbar_wait(bar_v + 8 * v_stage(n), uint32_t((n_last - n) / Traits::kStagesV) & 1u); };
+  auto wait_k = [&](int n) {
+    mbar_wait(bar_k + 8 * stage(n), uint32_t((n_last - n) / Traits::kStagesK) & 1u);
+  };
+  auto wait_v = [&](int n) {
+    mbar_wait(bar_v + 8 * v_stage(n), uint32_t((n_last - n) / Traits::kStagesV) & 1u);
+  };
   if constexpr (kTma) {
     if (tid == 0) {
 #pragma unroll

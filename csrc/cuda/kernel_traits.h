@@ -130,7 +130,8 @@ struct FwdSm90Traits {
   // the exponentials and the row sums: sm90::keep_above_wait).
   static constexpr bool kPinSoftmax = kPinSoftmax_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
-  using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false, kPinSoftmax_>;
+  using WithoutTma =
+      FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false, kPinSoftmax_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
