@@ -7,11 +7,13 @@ Outputs are poisoned with NaN (FLASH_ATTN_POISON=1) so an unwritten element fail
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import attention_backends as ab
-from attention_backends import reference_attention, relative_error
+from attention_backends import _build, reference_attention, relative_error
 
 pytestmark = [
     pytest.mark.cuda,
@@ -147,6 +149,36 @@ def test_hopper_forward_layouts(monkeypatch, layout, head_dim, mask_kind):
     k, v = kv_in_layout(layout, batch, heads, len_k, head_dim, torch.bfloat16)
     q, _, _, kwargs = make((batch, heads, heads, len_q, len_k), head_dim, torch.bfloat16, mask_kind, seed=7)
     check_against_sdpa(q, k, v, kwargs)
+
+
+def sm90_default_variant(head_dim: int) -> int:
+    traits = (_build.CSRC / "cuda" / "kernel_traits.h").read_text()
+    return int(re.search(rf"#define FLASH_FWD_SM90_VARIANT_HDIM{head_dim} (\d+)", traits).group(1))
+
+
+def forward_kernel_names(q, k, v) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ab.attention(q, k, v, backend="flash", strict=True)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "flash_fwd_sm90_kernel" in e.name]
+
+
+# Candidates 8 and up copy K and V by TMA (FwdSm90Traits' 7th argument, kTma) where the driver maps the
+# tensors, and fall back to the same tiles with cp.async where it cannot (a head broadcast with stride 0).
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_forward_uses_tma_where_the_tensors_allow(monkeypatch, head_dim):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    tma_default = sm90_default_variant(head_dim) >= 8
+
+    def tma_flags(names: list[str]) -> set[str]:
+        assert names, "the Hopper forward did not run"
+        return {re.search(r"FwdSm90Traits<([^>]*)>", n).group(1).split(",")[6].strip() for n in names}
+
+    q = torch.randn(2, 4, 300, head_dim, device="cuda", dtype=torch.bfloat16)
+    assert tma_flags(forward_kernel_names(q, q, q)) == {"true" if tma_default else "false"}
+    kv = torch.randn(2, 1, 300, head_dim, device="cuda", dtype=torch.bfloat16).expand(2, 4, 300, head_dim)
+    assert tma_flags(forward_kernel_names(q, kv, kv)) == {"false"}
 
 
 @pytest.mark.parametrize(
