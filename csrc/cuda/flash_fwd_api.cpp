@@ -75,9 +75,10 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
 }
 
 // The wgmma forward: a build with sm_90a code (FLASH_WITH_SM90A), an sm_90 device and head dim 64 or 128
-// (on the H200, in one process: 1.17-1.28x (D = 64) and 1.31-1.42x (D = 128) SDPA flash, the mma.sync
-// kernel 0.98-1.08x and 0.97-1.03x: docs/perf.md, v6). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel
-// everywhere (to compare the two); =1 is the default.
+// (on the H200, in one process with the v6 kernels: 1.17-1.28x (D = 64) and 1.31-1.42x (D = 128) SDPA
+// flash, the mma.sync kernel 0.98-1.08x and 0.97-1.03x; the v8 kernels 1.38-1.46x and 1.35-1.53x on the
+// grid: docs/perf.md). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel everywhere (to compare the two);
+// =1 is the default.
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
   const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
   const bool set = env != nullptr && *env != '\0';
