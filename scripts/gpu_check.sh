@@ -138,9 +138,9 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
     ( cd "$dir" && FLASH_ATTN_FWD_WGMMA=$wgmma PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py \
         --head-dims $dims --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1
     note "forward ${FWD_TILE_KERNEL:-sm80} variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
-    if [ "${FWD_TILE_TESTS:-0}" = 1 ]; then  # the one-pass kernels' test matrix with this variant
+    if [ "${FWD_TILE_TESTS:-0}" = 1 ]; then  # the one-pass test matrix and the Hopper layout tests with this variant
       ( cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH timeout 200 python3 -m pytest -q -p no:cacheprovider \
-          tests/test_flash_cuda.py -k "both_forward_kernels" ) > "$OUT/fwd_variant_${v}_tests.log" 2>&1
+          tests/test_flash_cuda.py -k "both_forward_kernels or hopper_forward" ) > "$OUT/fwd_variant_${v}_tests.log" 2>&1
       note "  tests of variant $v: $(tail -1 "$OUT/fwd_variant_${v}_tests.log")"
     fi
   done
