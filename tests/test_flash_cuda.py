@@ -151,6 +151,17 @@ def test_hopper_forward_layouts(monkeypatch, layout, head_dim, mask_kind):
     check_against_sdpa(q, k, v, kwargs)
 
 
+# Custom scales through the Hopper forward (candidate 10 folds the scale into the exponential and hands a
+# scale that is not positive to the mma.sync kernel).
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.2])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_forward_scales(monkeypatch, scale, head_dim):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    q, k, v, kwargs = make((2, 3, 3, 150, 333), head_dim, torch.bfloat16, "padding+causal", seed=11)
+    check_against_sdpa(q, k, v, {**kwargs, "scale": scale})
+
+
 def sm90_default_variant(head_dim: int) -> int:
     traits = (_build.CSRC / "cuda" / "kernel_traits.h").read_text()
     return int(re.search(rf"#define FLASH_FWD_SM90_VARIANT_HDIM{head_dim} (\d+)", traits).group(1))

@@ -78,17 +78,20 @@ struct FwdBlock {
 // Scales S to log2 units, then sets -inf where a key is invisible: column col0 + 8 j + 2 t + e of
 // row `row_base + 16 mi + 8 hi` is masked when it is >= seqlen_k, above the causal diagonal
 // (col > row + diag), or padded (bit (j % 4) * 8 + e of kpm_words[j / 4], already shifted by 2 t).
-// need_limit_mask: some column of the tile reaches seqlen_k or the diagonal.
-template <bool kIsCausal, bool kHasKpm, int kMFrags, int kNFragsS>
+// need_limit_mask: some column of the tile reaches seqlen_k or the diagonal. kScale = false: mask only
+// (the caller scales inside the exponential, see softmax_in_place).
+template <bool kIsCausal, bool kHasKpm, int kMFrags, int kNFragsS, bool kScale = true>
 __device__ __forceinline__ void scale_and_mask(float (&acc_s)[kMFrags][kNFragsS][4], float scale_log2, int col0,
                                                int row_base, int seqlen_k, int diag, int t,
                                                const uint32_t* kpm_words, bool need_limit_mask) {
+  if constexpr (kScale) {
 #pragma unroll
-  for (int mi = 0; mi < kMFrags; ++mi)
+    for (int mi = 0; mi < kMFrags; ++mi)
 #pragma unroll
-    for (int j = 0; j < kNFragsS; ++j)
+      for (int j = 0; j < kNFragsS; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[mi][j][e] *= scale_log2;
+        for (int e = 0; e < 4; ++e) acc_s[mi][j][e] *= scale_log2;
+  }
   if (kHasKpm || need_limit_mask) {
 #pragma unroll
     for (int mi = 0; mi < kMFrags; ++mi)
@@ -114,19 +117,24 @@ __device__ __forceinline__ void scale_and_mask(float (&acc_s)[kMFrags][kNFragsS]
 // thread-partial row sums, turns S into P (fp32, same registers) and returns the rescale factor of
 // each row of O in alpha. A row whose running max is still -inf has seen no visible key: its exp offset
 // is 0, so every p is exp2(-inf) = 0 and alpha is 0 (never inf - inf).
-template <int kMFrags, int kNFragsS>
+// kRawScores: S is unscaled (masked with -inf only) and scale_log2 > 0 is applied inside the exponential,
+// exp2(s * scale_log2 - max), one FFMA instead of a multiply and a subtraction per score; the row max of
+// the raw scores times scale_log2 is the row max of the scaled ones because scale_log2 > 0.
+template <bool kRawScores = false, int kMFrags, int kNFragsS>
 __device__ __forceinline__ void softmax_in_place(float (&acc_s)[kMFrags][kNFragsS][4], float (&row_max)[kMFrags][2],
-                                                 float (&row_sum)[kMFrags][2], float (&alpha)[kMFrags][2]) {
+                                                 float (&row_sum)[kMFrags][2], float (&alpha)[kMFrags][2],
+                                                 float scale_log2 = 1.f) {
 #pragma unroll
   for (int mi = 0; mi < kMFrags; ++mi)
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
-      float mx = row_max[mi][hi];
+      float mx = kRawScores ? kNegInf : row_max[mi][hi];
 #pragma unroll
       for (int j = 0; j < kNFragsS; ++j) {
         mx = fmaxf(mx, fmaxf(acc_s[mi][j][hi * 2], acc_s[mi][j][hi * 2 + 1]));
       }
       mx = quad_allreduce_max(mx);
+      if constexpr (kRawScores) mx = fmaxf(row_max[mi][hi], mx * scale_log2);  // the raw max, scaled
       const float offset = (mx == kNegInf) ? 0.f : mx;
       alpha[mi][hi] = fast_exp2(row_max[mi][hi] - offset);
       row_max[mi][hi] = mx;
@@ -135,7 +143,8 @@ __device__ __forceinline__ void softmax_in_place(float (&acc_s)[kMFrags][kNFrags
       for (int j = 0; j < kNFragsS; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          acc_s[mi][j][hi * 2 + e] = fast_exp2(acc_s[mi][j][hi * 2 + e] - offset);
+          const float s = acc_s[mi][j][hi * 2 + e];
+          acc_s[mi][j][hi * 2 + e] = fast_exp2(kRawScores ? fmaf(s, scale_log2, -offset) : s - offset);
           sum += acc_s[mi][j][hi * 2 + e];
         }
       row_sum[mi][hi] = row_sum[mi][hi] * alpha[mi][hi] + sum;

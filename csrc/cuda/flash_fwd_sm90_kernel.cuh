@@ -240,8 +240,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     }
     const bool need_limit_mask =
         (col0 + kBlockN > blk.seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + blk.diag);
-    scale_and_mask<kIsCausal, kHasKpm>(acc_s, params.scale_log2, col0, row0 + warp * 16 + g, blk.seqlen_k,
-                                       blk.diag, t, kpm_words, need_limit_mask);
+    scale_and_mask<kIsCausal, kHasKpm, 1, kNFragsS, !Traits::kFoldScale>(acc_s, params.scale_log2, col0,
+                                                                        row0 + warp * 16 + g, blk.seqlen_k,
+                                                                        blk.diag, t, kpm_words, need_limit_mask);
   };
 
   if constexpr (!Traits::kOverlap) {
@@ -309,7 +310,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     fence_accumulator(acc_s[0]);
     mask_tile(n_last);
     float alpha[1][2];
-    softmax_in_place(acc_s, row_max, row_sum, alpha);  // O is still 0: nothing to rescale
+    // O is still 0: nothing to rescale.
+    softmax_in_place<Traits::kFoldScale>(acc_s, row_max, row_sum, alpha, params.scale_log2);
     pack_p<ET>(acc_s, p_frag);
 
     for (int n = n_last - 1; n >= 0; --n) {
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       wgmma_wait<1>();  // S(n)
       fence_accumulator(acc_s[0]);
       mask_tile(n);
-      softmax_in_place(acc_s, row_max, row_sum, alpha);
+      softmax_in_place<Traits::kFoldScale>(acc_s, row_max, row_sum, alpha, params.scale_log2);
       if constexpr (Traits::kPinSoftmax) keep_above_wait(acc_s[0], row_sum, alpha);
       wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
       fence_accumulator(acc_o[0]);
@@ -406,10 +408,16 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::K
 
 // Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device. Tiles with
 // kTma fall back to cp.async copies when a tensor map of K or V cannot be made (e.g. a stride the copy
-// engine cannot address).
+// engine cannot address); tiles with kFoldScale hand a scale that is not positive to the mma.sync kernel.
 template <typename Element, int HeadDim>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = typename FwdSm90Config<HeadDim>::Traits;
+  if constexpr (Traits::kFoldScale) {
+    if (!(params.scale_log2 > 0.f)) {
+      run_fwd<Element, HeadDim>(params, stream);
+      return;
+    }
+  }
   sm90::KvTensorMaps maps{};
   if constexpr (Traits::kTma) {
     constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
