@@ -144,6 +144,10 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
       note "  tests of variant $v: $(tail -1 "$OUT/fwd_variant_${v}_tests.log")"
     fi
   done
+  # All candidates side by side, relative to the last one named (the default comes last in the lists above).
+  last_variant=$(echo ${FWD_VARIANTS:-$default_variants} | awk '{print $NF}')
+  python3 scripts/compare_fwd_variants.py "$OUT" --base "$last_variant" >> "$summary" 2>&1
+  tail -4 "$summary"
 fi
 if [[ " $stages " == *" sweep "* ]]; then
   mkdir -p /tmp/sweep

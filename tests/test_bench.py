@@ -163,3 +163,30 @@ def test_tiny_sweep_in_rounds(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in records if r["direction"] != "bwd")
     with pytest.raises(ValueError, match="rounds"):
         bench.resolve_settings(compose_bench([*TINY, "rounds=0"]))
+
+
+def load_script(name: str):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_fwd_variants_lines_up_candidates(tmp_path, monkeypatch, capsys):
+    header = (
+        "| D | N | causal | flash fwd TF/s | sdpa_flash fwd | ratio | x |\n|---|---|---|---|---|---|---|\n"
+    )
+    (tmp_path / "fwd_variant_8.log").write_text(header + "| 64 | 1024 | 0 | 400 | 300 | 1.33 | - |\n")
+    (tmp_path / "fwd_variant_9.log").write_text(
+        "build noise\n"
+        + header
+        + "| 64 | 1024 | 0 | 440 | 310 | 1.42 | - |\n| 128 | 1024 | 1 | 300 | 250 | 1.20 | - |\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["compare_fwd_variants.py", str(tmp_path), "--base", "8"])
+    load_script("compare_fwd_variants").main()
+    out = capsys.readouterr().out
+    assert "| 64 | 1024 | 0 | 400 (1.33x, 1.00) | 440 (1.42x, 1.10) |" in out
+    assert "| 128 | 1024 | 1 | - | 300 (1.20x, -) |" in out
+    assert "v9 / v8, D = 64: 1.10-1.10" in out
+    assert "D = 128:" not in out
