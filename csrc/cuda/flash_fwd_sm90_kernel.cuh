@@ -335,6 +335,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
         fence_proxy_async();
         __syncthreads();
       }
+      // kLateRescale: O *= alpha(n + 1) here, under S(n), not after P V(n + 2) at the end of the last
+      // iteration, where the tensor cores of this block wait for it.
+      if constexpr (Traits::kLateRescale) rescale_o(acc_o, alpha);
       issue_pv(n + 1);
       wgmma_wait<1>();  // S(n)
       fence_accumulator(acc_s[0]);
@@ -349,7 +352,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
         load_v(n);
         if constexpr (!kTma) cp_async_commit();
       }
-      rescale_o(acc_o, alpha);
+      if constexpr (!Traits::kLateRescale) rescale_o(acc_o, alpha);
       pack_p<ET>(acc_s, p_frag);
     }
     if constexpr (kTma) {
@@ -359,6 +362,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       fence_proxy_async();
       __syncthreads();
     }
+    if constexpr (Traits::kLateRescale) rescale_o(acc_o, alpha);
     issue_pv(0);
     wgmma_wait<0>();
     fence_accumulator(acc_o[0]);

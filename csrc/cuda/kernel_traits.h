@@ -121,7 +121,8 @@ struct FwdConfig<256> {
 // kTma: K and V tiles come by bulk tensor copies (tma.cuh) that one thread issues, each stage with its
 // mbarrier, instead of cp.async from every thread (overlapped schedule only).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
-          int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false>
+          int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
+          bool kLateRescale_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -132,9 +133,12 @@ struct FwdSm90Traits {
   // kFoldScale: S stays unscaled and the softmax scale goes into the exponential's FFMA (one multiply per
   // score less); needs scale > 0, so run_fwd_sm90 hands other scales to the mma.sync kernel.
   static constexpr bool kFoldScale = kFoldScale_;
+  // kLateRescale: O *= alpha of tile n + 1 right after S(n) is issued (under it) instead of after the wait
+  // for P V(n + 2), where it delayed the issue of the next products.
+  static constexpr bool kLateRescale = kLateRescale_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
   using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
-                                   kPinSoftmax_, kFoldScale_>;
+                                   kPinSoftmax_, kFoldScale_, kLateRescale_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -164,8 +168,8 @@ struct FwdSm90Traits {
   static_assert(kOffK % 1024 == 0 && kOffV % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
   static_assert(kStagesV == 2 || (kStagesV == 1 && (kOverlap || kStagesK == 1)), "1 or 2 V stages");
   static_assert(kOverlap || kStagesV == 1, "the serial schedule has one V buffer");
-  static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale),
-                "kTma, kPinSoftmax and kFoldScale belong to the overlapped schedule");
+  static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale || kLateRescale),
+                "kTma, kPinSoftmax, kFoldScale and kLateRescale belong to the overlapped schedule");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -189,20 +193,22 @@ struct FwdSm90Traits {
 //      7: 1.23-1.40x, 6: 1.35-1.49x: the default for both);
 //   9: 8 with the softmax kept under the P V MMA (kPinSoftmax; in the SASS of 3-8 only the scaling and
 //      masking of S ran there) (not yet run on a GPU);
-//   10: 9 with the softmax scale folded into the exponential (kFoldScale) (not yet run on a GPU).
+//   10: 9 with the softmax scale folded into the exponential (kFoldScale) (not yet run on a GPU);
+//   11: 10 with O rescaled under S(n) (kLateRescale) (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 10, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 11, "no wgmma forward variant with this number");
   static constexpr bool kTma = kVariant >= 8;
   static constexpr bool kPinSoftmax = kVariant >= 9;
-  static constexpr bool kFoldScale = kVariant == 10;
-  // Variants 8-10 are variant 7 (D = 64) or 6 (D = 128) with TMA copies.
+  static constexpr bool kFoldScale = kVariant >= 10;
+  static constexpr bool kLateRescale = kVariant == 11;
+  // Variants 8-11 are variant 7 (D = 64) or 6 (D = 128) with TMA copies.
   static constexpr int kBase = kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant;
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
                                kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
-                               kPinSoftmax, kFoldScale>;
+                               kPinSoftmax, kFoldScale, kLateRescale>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
