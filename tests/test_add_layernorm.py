@@ -9,10 +9,7 @@ element a kernel fails to write shows up as a non-finite value.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -522,31 +519,11 @@ def test_cuda_layers_fused_match_unfused(norm_first):
 # -------------------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_cli_writes_table_and_files(tmp_path, capsys):
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location(
-        "bench_add_layernorm", root / "scripts" / "bench_add_layernorm.py"
+def test_benchmark_cli_writes_table_and_files(tmp_path, capsys, load_script):
+    cli = load_script("bench_add_layernorm")
+    cli.main(
+        ["--device", "cpu", "--shapes", "33x7", "--warmup-ms", "0", "--rep-ms", "1", "--out", str(tmp_path)]
     )
-    cli = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(root))
-    try:
-        spec.loader.exec_module(cli)
-        cli.main(
-            [
-                "--device",
-                "cpu",
-                "--shapes",
-                "33x7",
-                "--warmup-ms",
-                "0",
-                "--rep-ms",
-                "1",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    finally:
-        sys.path.remove(str(root))
     printed = capsys.readouterr().out
     table = printed[printed.index("| dtype") :].strip().splitlines()
     assert len(table) == 2 + 2  # header, rule, fwd, fwd_bwd

@@ -165,15 +165,7 @@ def test_tiny_sweep_in_rounds(tmp_path):
         bench.resolve_settings(compose_bench([*TINY, "rounds=0"]))
 
 
-def load_script(name: str):
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_compare_fwd_variants_lines_up_candidates(tmp_path, monkeypatch, capsys):
+def test_compare_fwd_variants_lines_up_candidates(tmp_path, monkeypatch, capsys, load_script):
     header = (
         "| D | N | causal | flash fwd TF/s | sdpa_flash fwd | ratio | x |\n|---|---|---|---|---|---|---|\n"
     )

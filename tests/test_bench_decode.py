@@ -110,12 +110,8 @@ def test_time_us_measures_a_cpu_function():
     assert bench.time_us(lambda: sum(range(100)), warmup_ms=1, rep_ms=5) > 0
 
 
-def test_script_parses_its_arguments():
-    spec = importlib.util.spec_from_file_location(
-        "bench_decode_cuda", ROOT / "scripts" / "bench_decode_cuda.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_script_parses_its_arguments(load_script):
+    script = load_script("bench_decode_cuda")
     args = script.parse_args(["--len-k", "512", "4096", "--methods", "flash", "sdpa", "--out", "x"])
     assert args.len_k == [512, 4096] and args.methods == ["flash", "sdpa"] and args.out == Path("x")
     assert script.parse_args([]).dtype == "bf16"

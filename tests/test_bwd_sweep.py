@@ -4,7 +4,6 @@ and a cuda-marked run of the check and timing code on the installed extension.""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -18,15 +17,10 @@ import torch
 from benchmarks import bwd_sweep as sw
 from benchmarks import bwd_sweep_build as builder
 
-SCRIPT = sw.ROOT / "scripts" / "sweep_bwd.py"
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("sweep_bwd_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("sweep_bwd")
 
 
 def test_header_declares_variants_per_head_dim():
