@@ -190,11 +190,14 @@ struct FwdSm90Traits {
 //      of shared memory each), 4 itself at D = 128 (1.20-1.38x / 1.02-1.18x);
 //   8: 7 at D = 64 and 6 at D = 128 with K and V copied by TMA (kTma): no per-thread copy addresses, 157-168
 //      registers without spills at D = 64, 205-224 at D = 128 (1.34-1.50x / 1.35-1.49x; in the same call
-//      7: 1.23-1.40x, 6: 1.35-1.49x: the default for both);
+//      7: 1.23-1.40x, 6: 1.35-1.49x); the default at D = 64, where 9, 10 and 11 were up to 8 % slower
+//      (the exponentials bound that tile);
 //   9: 8 with the softmax kept under the P V MMA (kPinSoftmax; in the SASS of 3-8 only the scaling and
-//      masking of S ran there) (not yet run on a GPU);
-//   10: 9 with the softmax scale folded into the exponential (kFoldScale) (not yet run on a GPU);
-//   11: 10 with O rescaled under S(n) (kLateRescale) (not yet run on a GPU).
+//      masking of S ran there) (1.25-1.39x / 1.38-1.67x; x 0.92-0.98 / 1.01-1.11 of 8 in the same call);
+//   10: 9 with the softmax scale folded into the exponential (kFoldScale); needs scale > 0, other scales
+//      run the mma.sync kernel (1.29-1.46x / 1.47-1.67x; x 0.96-1.02 / 1.05-1.13 of 8): the default at
+//      D = 128;
+//   11: 10 with O rescaled under S(n) (kLateRescale) (1.31-1.46x / 1.44-1.72x; x 0.95-1.02 / 1.03-1.11).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 11, "no wgmma forward variant with this number");
@@ -214,7 +217,7 @@ struct FwdSm90Variant {
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 8
+#define FLASH_FWD_SM90_VARIANT_HDIM128 10
 #endif
 
 template <int kHeadDim>
