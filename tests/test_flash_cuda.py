@@ -64,25 +64,37 @@ def errors(backend, q, k, v, kwargs, grad_out):
     return out, grads
 
 
-def check_against_sdpa(q, k, v, kwargs):
+def reference_grads(q, k, v, kwargs, grad_out):
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref, _ = reference_attention(*leaves, **kwargs)
+    return ref, torch.autograd.grad(ref, leaves, grad_out.double())
+
+
+def check_against_sdpa(q, k, v, kwargs, sdpa_grad_kwargs=None):
+    """Our output and gradients within 2x SDPA's error against the float64 reference.
+
+    sdpa_grad_kwargs: the arguments of the SDPA run whose gradient errors bound ours (default: kwargs).
+    """
     grad_out = torch.randn_like(q)
-    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    ref, ref_grads = reference_grads(q, k, v, kwargs, grad_out)
     out, grads = errors("flash", q, k, v, kwargs, grad_out)
     sdpa_out, sdpa_grads = errors("sdpa", q, k, v, kwargs, grad_out)
+    sdpa_grad_refs = ref_grads
+    if sdpa_grad_kwargs is not None:
+        _, sdpa_grad_refs = reference_grads(q, k, v, sdpa_grad_kwargs, grad_out)
+        _, sdpa_grads = errors("sdpa", q, k, v, sdpa_grad_kwargs, grad_out)
     assert torch.isfinite(out).all(), "forward has NaN/inf (unwritten or poisoned elements)"
     # 1e-5 of slack: with one visible key dq is 0 in exact arithmetic and both errors are rounding noise.
     assert relative_error(out, ref) <= 2 * relative_error(sdpa_out, ref) + 1e-5, (
         relative_error(out, ref),
         relative_error(sdpa_out, ref),
     )
-    for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads, strict=True):
+    for name, g, r, s, sr in zip("qkv", grads, ref_grads, sdpa_grads, sdpa_grad_refs, strict=True):
         assert torch.isfinite(g).all(), f"d{name} has NaN/inf"
-        assert relative_error(g, r) <= 2 * relative_error(s, r) + 1e-5, (
+        assert relative_error(g, r) <= 2 * relative_error(s, sr) + 1e-5, (
             name,
             relative_error(g, r),
-            relative_error(s, r),
+            relative_error(s, sr),
         )
 
 
@@ -152,14 +164,17 @@ def test_hopper_forward_layouts(monkeypatch, layout, head_dim, mask_kind):
 
 
 # Custom scales through the Hopper forward (candidate 10 folds the scale into the exponential and hands a
-# scale that is not positive to the mma.sync kernel).
+# scale that is not positive to the mma.sync kernel). torch's CUDA SDPA backward returns NaN gradients for
+# a scale <= 0 with a mask (torch 2.11, H200, 2026-11-29; its outputs are fine): there our gradients are
+# held to twice SDPA's gradient error at scale 0.3 on the same inputs.
 @pytest.mark.parametrize("scale", [0.3, 0.0, -0.2])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_hopper_forward_scales(monkeypatch, scale, head_dim):
     needs_hopper()
     monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
     q, k, v, kwargs = make((2, 3, 3, 150, 333), head_dim, torch.bfloat16, "padding+causal", seed=11)
-    check_against_sdpa(q, k, v, {**kwargs, "scale": scale})
+    grad_baseline = None if scale > 0 else {**kwargs, "scale": 0.3}
+    check_against_sdpa(q, k, v, {**kwargs, "scale": scale}, sdpa_grad_kwargs=grad_baseline)
 
 
 def sm90_default_variant(head_dim: int) -> int:
