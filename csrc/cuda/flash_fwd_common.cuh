@@ -120,7 +120,9 @@ __device__ __forceinline__ void scale_and_mask(float (&acc_s)[kMFrags][kNFragsS]
 // kRawScores: S is unscaled (masked with -inf only) and scale_log2 > 0 is applied inside the exponential,
 // exp2(s * scale_log2 - max), one FFMA instead of a multiply and a subtraction per score; the row max of
 // the raw scores times scale_log2 is the row max of the scaled ones because scale_log2 > 0.
-template <bool kRawScores = false, int kMFrags, int kNFragsS>
+// kEmulateEvery > 0: the exponentials of every kEmulateEvery-th n8 fragment run on the FMA pipe
+// (exp2_on_fma), the others on the MUFU unit, to share the work between the two.
+template <bool kRawScores = false, int kEmulateEvery = 0, int kMFrags, int kNFragsS>
 __device__ __forceinline__ void softmax_in_place(float (&acc_s)[kMFrags][kNFragsS][4], float (&row_max)[kMFrags][2],
                                                  float (&row_sum)[kMFrags][2], float (&alpha)[kMFrags][2],
                                                  float scale_log2 = 1.f) {
@@ -144,7 +146,9 @@ __device__ __forceinline__ void softmax_in_place(float (&acc_s)[kMFrags][kNFrags
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float s = acc_s[mi][j][hi * 2 + e];
-          acc_s[mi][j][hi * 2 + e] = fast_exp2(kRawScores ? fmaf(s, scale_log2, -offset) : s - offset);
+          const float x = kRawScores ? fmaf(s, scale_log2, -offset) : s - offset;
+          const bool on_fma = kEmulateEvery > 0 && j % kEmulateEvery == kEmulateEvery - 1;
+          acc_s[mi][j][hi * 2 + e] = on_fma ? exp2_on_fma(x) : fast_exp2(x);
           sum += acc_s[mi][j][hi * 2 + e];
         }
       row_sum[mi][hi] = row_sum[mi][hi] * alpha[mi][hi] + sum;

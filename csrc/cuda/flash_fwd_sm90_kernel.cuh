@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     mask_tile(n_last);
     float alpha[1][2];
     // O is still 0: nothing to rescale.
-    softmax_in_place<Traits::kFoldScale>(acc_s, row_max, row_sum, alpha, params.scale_log2);
+    softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha, params.scale_log2);
     pack_p<ET>(acc_s, p_frag);
 
     for (int n = n_last - 1; n >= 0; --n) {
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       wgmma_wait<1>();  // S(n)
       fence_accumulator(acc_s[0]);
       mask_tile(n);
-      softmax_in_place<Traits::kFoldScale>(acc_s, row_max, row_sum, alpha, params.scale_log2);
+      softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha, params.scale_log2);
       if constexpr (Traits::kPinSoftmax) keep_above_wait(acc_s[0], row_sum, alpha);
       wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
       fence_accumulator(acc_o[0]);

@@ -122,7 +122,7 @@ struct FwdConfig<256> {
 // mbarrier, instead of cp.async from every thread (overlapped schedule only).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
-          bool kLateRescale_ = false>
+          bool kLateRescale_ = false, int kEmulateExpEvery_ = 0>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -136,9 +136,12 @@ struct FwdSm90Traits {
   // kLateRescale: O *= alpha of tile n + 1 right after S(n) is issued (under it) instead of after the wait
   // for P V(n + 2), where it delayed the issue of the next products.
   static constexpr bool kLateRescale = kLateRescale_;
+  // kEmulateExpEvery > 0: the exponentials of every kEmulateExpEvery-th n8 fragment of S are computed on the
+  // FMA pipe (exp2_on_fma) instead of the MUFU unit.
+  static constexpr int kEmulateExpEvery = kEmulateExpEvery_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
   using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
-                                   kPinSoftmax_, kFoldScale_, kLateRescale_>;
+                                   kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -168,8 +171,8 @@ struct FwdSm90Traits {
   static_assert(kOffK % 1024 == 0 && kOffV % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
   static_assert(kStagesV == 2 || (kStagesV == 1 && (kOverlap || kStagesK == 1)), "1 or 2 V stages");
   static_assert(kOverlap || kStagesV == 1, "the serial schedule has one V buffer");
-  static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale || kLateRescale),
-                "kTma, kPinSoftmax, kFoldScale and kLateRescale belong to the overlapped schedule");
+  static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale || kLateRescale || kEmulateExpEvery),
+                "kTma, kPinSoftmax, kFoldScale, kLateRescale and kEmulateExpEvery belong to the overlapped schedule");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -197,21 +200,27 @@ struct FwdSm90Traits {
 //   10: 9 with the softmax scale folded into the exponential (kFoldScale); needs scale > 0, other scales
 //      run the mma.sync kernel (1.29-1.46x / 1.47-1.67x; x 0.96-1.02 / 1.05-1.13 of 8): the default at
 //      D = 128;
-//   11: 10 with O rescaled under S(n) (kLateRescale) (1.31-1.46x / 1.44-1.72x; x 0.95-1.02 / 1.03-1.11).
+//   11: 10 with O rescaled under S(n) (kLateRescale) (1.31-1.46x / 1.44-1.72x; x 0.95-1.02 / 1.03-1.11);
+//   12: the defaults (8 at D = 64, 10 at D = 128) with the exponentials of every 8th n8 fragment of S on the
+//       FMA pipe (kEmulateExpEvery) (not yet run on a GPU);
+//   13: the same with every 4th (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 11, "no wgmma forward variant with this number");
-  static constexpr bool kTma = kVariant >= 8;
-  static constexpr bool kPinSoftmax = kVariant >= 9;
-  static constexpr bool kFoldScale = kVariant >= 10;
-  static constexpr bool kLateRescale = kVariant == 11;
+  static_assert(kVariant >= 0 && kVariant <= 13, "no wgmma forward variant with this number");
+  static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
+  // The candidate whose flags 12 and 13 take over.
+  static constexpr int kFlags = kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant;
+  static constexpr bool kTma = kFlags >= 8;
+  static constexpr bool kPinSoftmax = kFlags >= 9;
+  static constexpr bool kFoldScale = kFlags >= 10;
+  static constexpr bool kLateRescale = kFlags == 11;
   // Variants 8-11 are variant 7 (D = 64) or 6 (D = 128) with TMA copies.
   static constexpr int kBase = kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant;
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
                                kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
-                               kPinSoftmax, kFoldScale, kLateRescale>;
+                               kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
