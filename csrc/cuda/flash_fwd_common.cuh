@@ -147,7 +147,8 @@ __device__ __forceinline__ void softmax_in_place(float (&acc_s)[kMFrags][kNFrags
         for (int e = 0; e < 2; ++e) {
           const float s = acc_s[mi][j][hi * 2 + e];
           const float x = kRawScores ? fmaf(s, scale_log2, -offset) : s - offset;
-          const bool on_fma = kEmulateEvery > 0 && j % kEmulateEvery == kEmulateEvery - 1;
+          constexpr int kEvery = kEmulateEvery > 0 ? kEmulateEvery : 1;
+          const bool on_fma = kEmulateEvery > 0 && j % kEvery == kEvery - 1;
           acc_s[mi][j][hi * 2 + e] = on_fma ? exp2_on_fma(x) : fast_exp2(x);
           sum += acc_s[mi][j][hi * 2 + e];
         }
