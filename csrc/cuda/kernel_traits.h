@@ -177,7 +177,7 @@ struct FwdSm90Traits {
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
 // `FWD_TILE_KERNEL=sm90 bash scripts/gpu_check.sh fwdtiles` builds and times them against SDPA flash
-// (docs/perf.md, v5-v7, has the H200 numbers; below: ratio to SDPA flash, N = 1024-16384, D = 64 / 128).
+// (docs/perf.md, v5-v10, has the H200 numbers; below: ratio to SDPA flash, N = 1024-16384, D = 64 / 128).
 //   0: 128 x 128, 2 warpgroups that meet at the block's barriers (0.93-1.03x / 1.20-1.38x);
 //   1: 64 x 128, 1 warpgroup per block, 2 blocks per SM: the blocks of an SM run their softmax and MMAs
 //      out of step, which 0's shared barriers prevent (1.05-1.16x / 1.27-1.48x);
