@@ -39,6 +39,7 @@ __all__ = [
     "default_shapes",
     "format_markdown",
     "measure_shape",
+    "parse_shape",
     "records",
     "run",
     "time_us",
@@ -49,6 +50,7 @@ DEFAULT_LEN_KS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 METHODS: dict[str, str] = {
     "flash": "our flash forward, split count from the heuristic",
     "flash_1split": "our flash forward with FLASH_ATTN_NUM_SPLITS=1 (the one-pass kernel)",
+    "flash_2split": "our flash forward with FLASH_ATTN_NUM_SPLITS=2 (the split kernel, fewest splits)",
     "sdpa": "torch SDPA, its default backend choice",
     "sdpa_flash": "SDPA restricted to FLASH_ATTENTION",
     "sdpa_efficient": "SDPA restricted to EFFICIENT_ATTENTION",
@@ -59,6 +61,7 @@ SDPA_BACKENDS = {
     "sdpa_efficient": "EFFICIENT_ATTENTION",
     "sdpa_cudnn": "CUDNN_ATTENTION",
 }
+FORCED_SPLITS = {"flash_1split": 1, "flash_2split": 2}  # methods that fix FLASH_ATTN_NUM_SPLITS
 CSV_COLUMNS = ("B", "Hq", "Hkv", "Nq", "Nk", "D", "method", "us", "GB/s", "vs sdpa", "vs sdpa_flash", "note")
 
 
@@ -88,6 +91,17 @@ class Measurement:
     method: str
     us: float | None
     note: str = ""
+
+
+def parse_shape(text: str, head_dim: int = 128) -> DecodeShape:
+    """A shape from "B,Hq,Hkv,Nq,Nk" (e.g. "1,27,27,256,4096"); ValueError names what is wrong."""
+    parts = text.split(",")
+    if len(parts) != 5 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"shape: expected five positive integers B,Hq,Hkv,Nq,Nk, got {text!r}")
+    batch, heads_q, heads_kv, len_q, len_k = (int(p) for p in parts)
+    if heads_q % heads_kv:
+        raise ValueError(f"shape: expected Hq ({heads_q}) to be a multiple of Hkv ({heads_kv}) in {text!r}")
+    return DecodeShape(batch, heads_q, heads_kv, len_q, len_k, head_dim)
 
 
 def default_shapes(len_ks: Sequence[int] = DEFAULT_LEN_KS, head_dim: int = 128) -> list[DecodeShape]:
@@ -246,7 +260,7 @@ def _sdpa_runner(q: Tensor, k: Tensor, v: Tensor, backend: str | None) -> tuple[
 
 def _runner(method: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Callable[[], Tensor], str]:
     scale = q.shape[-1] ** -0.5
-    if method in ("flash", "flash_1split"):
+    if method == "flash" or method in FORCED_SPLITS:
         import attention_backends as ab
 
         ab.load_extension()
@@ -268,7 +282,7 @@ def measure_shape(
     results = []
     reference: Tensor | None = None
     for method in methods:
-        splits = 1 if method == "flash_1split" else None
+        splits = FORCED_SPLITS.get(method)
         try:
             with forced_splits(splits), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -3,6 +3,7 @@
 python scripts/bench_decode_cuda.py                       # Nq = 1, Nk 512..65536, GQA and MHA, plus Nq = 4; bf16, D = 128
 python scripts/bench_decode_cuda.py --len-k 4096 65536 --out results/decode
 python scripts/bench_decode_cuda.py --methods flash flash_1split sdpa_flash
+python scripts/bench_decode_cuda.py --shapes 1,27,27,256,4096 --methods flash flash_1split flash_2split
 
 Columns: median µs, GB/s over the bytes of q, k, v and out, and speed-ups (reference time / this method's
 time) against SDPA's default and SDPA's FLASH_ATTENTION backend. The markdown table is printed last; with
@@ -28,6 +29,7 @@ from benchmarks.decode_kernel import (
     METHODS,
     default_shapes,
     format_markdown,
+    parse_shape,
     records,
     run,
     write_outputs,
@@ -39,6 +41,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--len-k", type=int, nargs="+", default=list(DEFAULT_LEN_KS), help="cache lengths Nk")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="B,Hq,Hkv,Nq,Nk each, instead of the decode shapes (--len-k)",
+    )
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -56,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{datetime.now():%Y-%m-%d %H:%M}: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"{args.dtype}, D = {args.head_dim}; speed-up = reference time / this time"
     )
-    shapes = default_shapes(args.len_k, args.head_dim)
+    if args.shapes:
+        shapes = [parse_shape(text, args.head_dim) for text in args.shapes]
+    else:
+        shapes = default_shapes(args.len_k, args.head_dim)
     measurements = run(
         shapes,
         args.methods,

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/ sits at the repo root, outside the installed packages
     sys.path.insert(0, str(ROOT))
@@ -114,4 +116,13 @@ def test_script_parses_its_arguments(load_script):
     script = load_script("bench_decode_cuda")
     args = script.parse_args(["--len-k", "512", "4096", "--methods", "flash", "sdpa", "--out", "x"])
     assert args.len_k == [512, 4096] and args.methods == ["flash", "sdpa"] and args.out == Path("x")
-    assert script.parse_args([]).dtype == "bf16"
+    assert script.parse_args([]).dtype == "bf16" and script.parse_args([]).shapes is None
+    args = script.parse_args(["--shapes", "1,27,27,256,4096", "--methods", "flash_2split"])
+    assert args.shapes == ["1,27,27,256,4096"] and args.methods == ["flash_2split"]
+
+
+def test_parse_shape_reads_b_hq_hkv_nq_nk_and_names_bad_input():
+    assert bench.parse_shape("2,32,8,4,8192", head_dim=64) == bench.DecodeShape(2, 32, 8, 4, 8192, 64)
+    for bad in ("1,2,3", "1,2,0,4,5", "1,a,1,1,1", "1,6,4,1,16"):
+        with pytest.raises(ValueError, match="shape: expected"):
+            bench.parse_shape(bad)

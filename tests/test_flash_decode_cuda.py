@@ -268,6 +268,26 @@ def test_heuristic_keeps_the_one_pass_kernel_where_it_fills_the_gpu(monkeypatch)
     )
 
 
+def test_heuristic_counts_the_blocks_of_the_kernel_that_would_run(monkeypatch):
+    """The wgmma forward (sm_90) runs 64-row blocks, the mma.sync one 128-row blocks: Nq = 256 with
+    ceil(0.2 * SMs) heads fills the GPU with the first (4 blocks per head, >= 80 % of the SMs) and not with
+    the second (2 per head), so the one-pass kernel is kept on wgmma and the keys are split without it."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma forward runs on sm_90 devices")
+    monkeypatch.delenv("FLASH_ATTN_NUM_SPLITS", raising=False)
+    heads = -(-torch.cuda.get_device_properties(0).multi_processor_count // 5)
+    q = torch.randn(1, heads, 256, 128, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, heads, 4096, 128, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        return torch.ops.flash_attn.fwd(q, kv, kv, None, None, 0.125, False)
+
+    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", "1")
+    assert not split_kernel_ran(forward)
+    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", "0")
+    assert split_kernel_ran(forward)
+
+
 def test_opcheck_on_the_split_path(monkeypatch):
     use_splits(monkeypatch, 3)
     q = torch.randn(2, 4, 3, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -38,6 +38,8 @@ constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 constexpr int kMaxSplits = 128;
 constexpr int64_t kMinTilesPerSplit = 2;
 constexpr int64_t kOnePassBlockM = FwdConfig<128>::Traits::kBlockM;  // query rows of a one-pass block
+constexpr int64_t kSm90OnePassBlockM = FwdSm90Config<128>::Traits::kBlockM;  // ... of the wgmma forward's
+static_assert(FwdSm90Config<64>::Traits::kBlockM == kSm90OnePassBlockM, "one block height for both head dims");
 constexpr int64_t kSplitBlockM = SplitConfig<128>::Traits::kBlockM;  // packed rows of a split block
 
 // The kernel copies 16-byte chunks: the base pointer and every stride it multiplies by a possibly
@@ -193,21 +195,22 @@ int64_t split_blocks_per_split(const AttnShape& s) {
 
 // The number of key splits, 1 for the one-pass kernel.
 //  - Each split covers at least kMinTilesPerSplit key tiles; at most kMaxSplits splits.
-//  - The one-pass kernel is kept when its (B, Hq, Nq / 128) blocks fill the GPU (>= 80% of the SMs)
-//    and its 128-row query tiles are not mostly padding. With few queries per key/value head
+//  - The one-pass kernel is kept when its (B, Hq, Nq / block_m) blocks fill the GPU (>= 80% of the SMs)
+//    and its query tiles are not mostly padding (block_m: 128 rows for the mma.sync kernel, 64 for the
+//    wgmma one). With few queries per key/value head
 //    (decoding: Nq * group well below 128) they are: each of its blocks multiplies 128 rows where a
 //    few are real, and reads K/V once per query head, so the split kernel (16-row tiles, K/V read
 //    once per group) is used even when the one-pass grid is large, with at least 2 splits.
 //  - Otherwise the splits fill one wave of resident blocks: num_sms * blocks_per_sm.
 //  - Finally every split gets the same number of tiles (no empty trailing split).
-int heuristic_num_splits(const AttnShape& s, int block_n, int num_sms, int blocks_per_sm) {
+int heuristic_num_splits(const AttnShape& s, int block_n, int num_sms, int blocks_per_sm, int64_t block_m) {
   const int64_t n_tiles = ceil_div(s.len_k, block_n);
   const int64_t max_splits = std::min<int64_t>(kMaxSplits, n_tiles / kMinTilesPerSplit);
   if (max_splits < 2) return 1;
   const int64_t group = s.heads_q / s.heads_kv;
-  const int64_t one_pass_blocks = s.batch * s.heads_q * ceil_div(s.len_q, kOnePassBlockM);
+  const int64_t one_pass_blocks = s.batch * s.heads_q * ceil_div(s.len_q, block_m);
   const int64_t split_rows = ceil_div(group * s.len_q, kSplitBlockM) * kSplitBlockM;
-  const int64_t one_pass_rows = group * ceil_div(s.len_q, kOnePassBlockM) * kOnePassBlockM;
+  const int64_t one_pass_rows = group * ceil_div(s.len_q, block_m) * block_m;
   const bool mostly_padding = 2 * split_rows <= one_pass_rows;
   const bool one_pass_fills = 5 * one_pass_blocks >= 4 * static_cast<int64_t>(num_sms);
   if (one_pass_fills && !mostly_padding) return 1;
@@ -261,10 +264,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   std::optional<at::Tensor> lens;
   if (seqlens_k.has_value()) lens = seqlens_k->contiguous();
 
+  // Whether the one-pass kernel is the wgmma one (reads FLASH_ATTN_FWD_WGMMA on every call).
+  const bool sm90 = use_sm90_forward(q_in.device(), D);
   int num_splits = forced_splits;
   if (num_splits == 0) {
     const SplitDeviceInfo info = split_device_info(q_in.get_device(), dtype, D);
-    num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm);
+    num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm,
+                                      sm90 ? kSm90OnePassBlockM : kOnePassBlockM);
   }
   // The split kernel where the device gives its blocks enough shared memory (sm_86 / sm_89 give 99 KB),
   // else the one-pass kernel; a forced split count is kept and checked.
@@ -313,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634074);  // scale * log2(e)
   params.is_causal = is_causal;
-  params.use_sm90 = use_sm90_forward(q_in.device(), D) && num_splits == 1;  // checks the switch every call
+  params.use_sm90 = sm90 && num_splits == 1;
   params.num_splits = num_splits;
   if (num_splits > 1) {
     params.out_accum = out_accum.data_ptr<float>();
