@@ -161,10 +161,11 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^x for x <= 0 without the MUFU unit (its 16 results per cycle and SM bound the D = 64 forward): x = n + f
-// with n = round(x) and |f| <= 1/2, 2^f by a cubic with p(0) = 1 (coefficients fitted for the least maximum
-// relative error on [-1/2, 1/2]: 1.02e-4, a fortieth of bf16's half ulp), 2^n added to its exponent bits.
-// Six FMA-pipe and three integer/compare instructions. x <= -127 (a masked score: -inf) gives exactly +0.
+// 2^x for x <= 0 without the MUFU unit (16 results per cycle and SM): x = n + f with n = round(x) and
+// |f| <= 1/2, 2^f by a cubic with p(0) = 1 (coefficients fitted for the least maximum relative error on
+// [-1/2, 1/2]: 1.02e-4, a fortieth of bf16's half ulp), 2^n added to its exponent bits. Six FMA-pipe and
+// three integer/compare instructions. x <= -127 (a masked score: -inf) gives exactly +0. Used by forward
+// candidates 12 and 13 only (on the H200 sharing the exponentials this way was slower: docs/perf.md, v10).
 __device__ __forceinline__ float exp2_on_fma(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low mantissa bits
   x = fmaxf(x, -127.f);
