@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, profile (ncu)
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, profile (ncu),
+#        errsweep (error ratios over many draws of one test case)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -148,6 +149,16 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   last_variant=$(echo ${FWD_VARIANTS:-$default_variants} | awk '{print $NF}')
   python3 scripts/compare_fwd_variants.py "$OUT" --base "$last_variant" >> "$summary" 2>&1
   tail -4 "$summary"
+fi
+if [[ " $stages " == *" errsweep "* ]]; then
+  # Our error / SDPA's over many input draws of one test case (ERRSWEEP_SHAPE etc.), with both forward
+  # kernels: a ratio near 2 in a few draws is a tail, one above 1 in most draws a systematic error.
+  for wgmma in 0 1; do
+    timeout 200 python3 scripts/error_ratio_sweep.py --shape "${ERRSWEEP_SHAPE:-1,2,1,129,7}" \
+      --mask "${ERRSWEEP_MASK:-padding+causal}" --head-dim "${ERRSWEEP_HEAD_DIM:-128}" --wgmma $wgmma \
+      --seeds "${ERRSWEEP_SEEDS:-300}" > "/tmp/errsweep_$wgmma.log" 2>&1
+    note "error ratio sweep, FLASH_ATTN_FWD_WGMMA=$wgmma: rc=$?"; tail -8 "/tmp/errsweep_$wgmma.log" >> "$summary"
+  done
 fi
 if [[ " $stages " == *" sweep "* ]]; then
   mkdir -p /tmp/sweep
