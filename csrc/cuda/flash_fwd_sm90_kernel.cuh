@@ -74,6 +74,11 @@ __device__ __forceinline__ void keep_above_wait(float (&acc_s)[NF][4], float (&r
   if (row_sum[0][0] < -1.f) __trap();
 }
 
+// The 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is the block's).
+__device__ __forceinline__ void warpgroup_barrier(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+
 }  // namespace sm90
 
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
@@ -153,10 +158,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   auto wait_v = [&](int n) {
     mbar_wait(bar_v + 8 * v_stage(n), uint32_t((n_last - n) / Traits::kStagesV) & 1u);
   };
+  // kLastWarpLoads: warps that are done with each K stage, then each V stage (counted modulo kNWarps).
+  uint32_t* stage_done = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffCount);
   if constexpr (kTma) {
     if (tid == 0) {
 #pragma unroll
-      for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) mbar_init(bar_k + 8 * i, 1);
+      for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) {
+        mbar_init(bar_k + 8 * i, 1);
+        if constexpr (Traits::kLastWarpLoads) stage_done[i] = 0;
+      }
       fence_mbar_init();
     }
     __syncthreads();
@@ -177,16 +187,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   uint32_t p_frag[1][kNFragsS][2];
 
   // Key padding bits, fetched one tile ahead: publish_kpm(n) stores tile n's bits (one word per 32
-  // keys) in its stage before the barrier that precedes their use.
+  // keys) in its stage before the barrier that precedes their use. With kLastWarpLoads each warpgroup
+  // keeps its own copy (kpm_tid, kpm_warp: the thread and warp within the warpgroup).
+  constexpr bool kMaskPerWg = Traits::kLastWarpLoads;
+  const int kpm_tid = kMaskPerWg ? tid % 128 : tid;
+  const int kpm_warp = kMaskPerWg ? warp % 4 : warp;
+  uint32_t* sMaskWg = sMaskBits + (kMaskPerWg ? wg * Traits::kStagesK * kMaskWords : 0);
   const unsigned char* kpm_row = nullptr;
   unsigned char kpm_next = 0;
   auto fetch_kpm = [&](int n) -> unsigned char {
-    const int col = n * kBlockN + tid;
-    return (tid < kBlockN && col < len_k) ? __ldg(kpm_row + col) : static_cast<unsigned char>(0);
+    const int col = n * kBlockN + kpm_tid;
+    return (kpm_tid < kBlockN && col < len_k) ? __ldg(kpm_row + col) : static_cast<unsigned char>(0);
   };
   auto publish_kpm = [&](int n) {
     const uint32_t bits = __ballot_sync(0xffffffffu, kpm_next != 0);
-    if (lane == 0 && warp < kMaskWords) sMaskBits[stage(n) * kMaskWords + warp] = bits;
+    if (lane == 0 && kpm_warp < kMaskWords) sMaskWg[stage(n) * kMaskWords + kpm_warp] = bits;
   };
   if (kHasKpm) {
     kpm_row = reinterpret_cast<const unsigned char*>(params.key_padding_mask) +
@@ -236,7 +251,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     uint32_t kpm_words[kHasKpm ? kMaskWords : 1];
     if (kHasKpm) {
 #pragma unroll
-      for (int w = 0; w < kMaskWords; ++w) kpm_words[w] = sMaskBits[stage(n) * kMaskWords + w] >> (2 * t);
+      for (int w = 0; w < kMaskWords; ++w) kpm_words[w] = sMaskWg[stage(n) * kMaskWords + w] >> (2 * t);
     }
     const bool need_limit_mask =
         (col0 + kBlockN > blk.seqlen_k) || (kIsCausal && col0 + kBlockN - 1 > row0 + blk.diag);
@@ -277,6 +292,76 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       wgmma_wait<0>();
       fence_accumulator(acc_o[0]);
     }
+  } else if constexpr (Traits::kLastWarpLoads) {
+    // The overlapped schedule below (two V stages, TMA) for two warpgroups that share the K and V rings but
+    // never wait for each other: a stage is free once all kNWarps warps have counted themselves off it
+    // (K(n)'s once S(n) has landed, V(n)'s once P V(n) has), and the warp whose count completes the round
+    // issues the copy of the tile two steps on into it: K(n - 2), V(n - 2). A warpgroup waits only for the
+    // copies (mbarriers), so one may run up to a tile ahead of the other.
+    constexpr int kNWarps = Traits::kNWarps;
+    auto done_with_k = [&](int n) {
+      if (lane == 0 && atomicAdd(stage_done + stage(n), 1u) % kNWarps == kNWarps - 1 && n >= 2) {
+        tma_tile(&maps.k, k_tile(n - 2), bar_k + 8 * stage(n), n - 2);
+      }
+    };
+    auto done_with_v = [&](int n) {
+      if (lane == 0 && atomicAdd(stage_done + Traits::kStagesK + v_stage(n), 1u) % kNWarps == kNWarps - 1 &&
+          n >= 2) {
+        tma_tile(&maps.v, v_tile(n - 2), bar_v + 8 * v_stage(n), n - 2);
+      }
+    };
+    // Both stages of each ring are free: K(n_last) is on its way, K(n_last - 1), V(n_last), V(n_last - 1).
+    if (tid == 0) {
+      if (n_last > 0) tma_tile(&maps.k, k_tile(n_last - 1), bar_k + 8 * stage(n_last - 1), n_last - 1);
+      tma_tile(&maps.v, v_tile(n_last), bar_v + 8 * v_stage(n_last), n_last);
+      if (n_last > 0) tma_tile(&maps.v, v_tile(n_last - 1), bar_v + 8 * v_stage(n_last - 1), n_last - 1);
+    }
+    if (kHasKpm) {
+      publish_kpm(n_last);
+      if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
+    }
+    cp_async_wait<0>();  // Q
+    fence_proxy_async();
+    __syncthreads();  // Q and the key padding bits of n_last
+    wait_k(n_last);
+    issue_qk(n_last);
+    wgmma_wait<0>();
+    fence_accumulator(acc_s[0]);
+    done_with_k(n_last);
+    mask_tile(n_last);
+    float alpha[1][2];
+    // O is still 0: nothing to rescale.
+    softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha, params.scale_log2);
+    pack_p<ET>(acc_s, p_frag);
+
+    for (int n = n_last - 1; n >= 0; --n) {
+      if (kHasKpm) {
+        publish_kpm(n);
+        warpgroup_barrier(wg);  // this warpgroup's bits of tile n are stored, and those of n + 2 read
+        if (n > 0) kpm_next = fetch_kpm(n - 1);
+      }
+      wait_k(n);
+      issue_qk(n);
+      wait_v(n + 1);
+      issue_pv(n + 1);
+      wgmma_wait<1>();  // S(n)
+      fence_accumulator(acc_s[0]);
+      done_with_k(n);
+      mask_tile(n);
+      softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha,
+                                                                    params.scale_log2);
+      if constexpr (Traits::kPinSoftmax) keep_above_wait(acc_s[0], row_sum, alpha);
+      wgmma_wait<0>();  // O += P(n + 1) V(n + 1)
+      fence_accumulator(acc_o[0]);
+      fence_operand(p_frag[0]);
+      done_with_v(n + 1);
+      rescale_o(acc_o, alpha);
+      pack_p<ET>(acc_s, p_frag);
+    }
+    wait_v(0);
+    issue_pv(0);
+    wgmma_wait<0>();
+    fence_accumulator(acc_o[0]);
   } else {
     // One barrier per tile with two V stages. Iteration n issues S = Q K(n)^T and O += P(n + 1) V(n + 1)
     // together, then runs the softmax of S(n) while the second product is in flight; O is rescaled once

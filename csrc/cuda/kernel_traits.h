@@ -122,7 +122,7 @@ struct FwdConfig<256> {
 // mbarrier, instead of cp.async from every thread (overlapped schedule only).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
-          bool kLateRescale_ = false, int kEmulateExpEvery_ = 0>
+          bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -139,9 +139,13 @@ struct FwdSm90Traits {
   // kEmulateExpEvery > 0: the exponentials of every kEmulateExpEvery-th n8 fragment of S are computed on the
   // FMA pipe (exp2_on_fma) instead of the MUFU unit.
   static constexpr int kEmulateExpEvery = kEmulateExpEvery_;
+  // kLastWarpLoads (two warpgroups, TMA, two K and two V stages): no block barrier in the key loop. Each warp
+  // counts itself off a stage once its MMAs have read it; the warp that completes the count issues the copy
+  // of the next tile into that stage. Key padding bits are kept per warpgroup, under a warpgroup barrier.
+  static constexpr bool kLastWarpLoads = kLastWarpLoads_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
   using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
-                                   kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_>;
+                                   kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_, false>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -160,9 +164,13 @@ struct FwdSm90Traits {
   static constexpr int kOffK = kBlockM * kHeadDim * 2;
   static constexpr int kOffV = kOffK + kStagesK * kTileKVBytes;
   static constexpr int kOffMask = kOffV + kStagesV * kTileKVBytes;
-  static constexpr int kMaskWords = kBlockN / 32;  // per K stage
-  static constexpr int kOffBar = kOffMask + 16 * ((kStagesK * kMaskWords * 4 + 15) / 16);  // kTma: mbarriers
-  static constexpr int kSmemBytes = kOffBar + (kTma ? 16 * ((8 * (kStagesK + kStagesV) + 15) / 16) : 0);
+  static constexpr int kMaskWords = kBlockN / 32;  // per K stage (and, with kLastWarpLoads, warpgroup)
+  static constexpr int kMaskCopies = kLastWarpLoads ? kBlockM / 64 : 1;
+  static constexpr int kOffBar = kOffMask + 16 * ((kMaskCopies * kStagesK * kMaskWords * 4 + 15) / 16);  // kTma
+  // kTma: one mbarrier (8 bytes) per K and per V stage; kLastWarpLoads: then one warp count (4 bytes) each.
+  static constexpr int kOffCount = kOffBar + 8 * (kStagesK + kStagesV);
+  static constexpr int kBarBytes = 8 * (kStagesK + kStagesV) + (kLastWarpLoads ? 4 * (kStagesK + kStagesV) : 0);
+  static constexpr int kSmemBytes = kOffBar + (kTma ? 16 * ((kBarBytes + 15) / 16) : 0);
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
@@ -173,6 +181,8 @@ struct FwdSm90Traits {
   static_assert(kOverlap || kStagesV == 1, "the serial schedule has one V buffer");
   static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale || kLateRescale || kEmulateExpEvery),
                 "kTma, kPinSoftmax, kFoldScale, kLateRescale and kEmulateExpEvery belong to the overlapped schedule");
+  static_assert(!kLastWarpLoads || (kTma && kOverlap && kStagesV == 2 && kBlockM == 128 && kBlockN == 128),
+                "kLastWarpLoads: two warpgroups, TMA, the overlapped schedule with two V stages, 128-key tiles");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -204,24 +214,28 @@ struct FwdSm90Traits {
 //   12: the defaults (8 at D = 64, 10 at D = 128) with the exponentials of every 8th n8 fragment of S on the
 //       FMA pipe (kEmulateExpEvery) (x 0.96-0.98 / 1.03-1.10 of 8 in one call: slower than 8 at D = 64, no
 //       faster than 10 at D = 128);
-//   13: the same with every 4th (x 0.90-0.96 / 1.00-1.06 of 8).
+//   13: the same with every 4th (x 0.90-0.96 / 1.00-1.06 of 8);
+//   14: 128 x 128, two warpgroups sharing 2-stage K and V rings without block barriers in the key loop
+//       (kLastWarpLoads), TMA, 10's softmax; one block per SM (160 KB at D = 128, up to 255 registers)
+//       (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 13, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 14, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
-  // The candidate whose flags 12 and 13 take over.
-  static constexpr int kFlags = kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant;
+  static constexpr bool kLastWarpLoads = kVariant == 14;
+  // The candidate whose flags 12, 13 and 14 take over.
+  static constexpr int kFlags = kLastWarpLoads ? 10 : (kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant);
   static constexpr bool kTma = kFlags >= 8;
   static constexpr bool kPinSoftmax = kFlags >= 9;
   static constexpr bool kFoldScale = kFlags >= 10;
   static constexpr bool kLateRescale = kFlags == 11;
-  // Variants 8-11 are variant 7 (D = 64) or 6 (D = 128) with TMA copies.
-  static constexpr int kBase = kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant;
+  // Variants 8-13 are variant 7 (D = 64) or 6 (D = 128) with TMA copies; 14 has the tiles of 3.
+  static constexpr int kBase = kLastWarpLoads ? 3 : (kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant);
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
                                kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
-                               kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery>;
+                               kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
