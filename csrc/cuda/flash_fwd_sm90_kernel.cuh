@@ -135,10 +135,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       tma_load_4d(tile + cb * kBlockN * 128, map, bar, cb * 64, n * kBlockN, h_kv, blk.b);
     }
   };
+  // The bulk copy of tile n into its stage, issued by the calling thread.
+  auto copy_k = [&](int n) { tma_tile(&maps.k, k_tile(n), bar_k + 8 * stage(n), n); };
+  auto copy_v = [&](int n) { tma_tile(&maps.v, v_tile(n), bar_v + 8 * v_stage(n), n); };
   // Called by every thread; with kTma thread 0 issues the copy.
   auto load_k = [&](int n) {
     if constexpr (kTma) {
-      if (tid == 0) tma_tile(&maps.k, k_tile(n), bar_k + 8 * stage(n), n);
+      if (tid == 0) copy_k(n);
     } else {
       load_tile<kBlockN, kHeadDim, kNThreads>(k_tile(n), blk.k_ptr, params.k_stride.row, n * kBlockN,
                                               len_k - n * kBlockN, tid, params.k);
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   };
   auto load_v = [&](int n) {
     if constexpr (kTma) {
-      if (tid == 0) tma_tile(&maps.v, v_tile(n), bar_v + 8 * v_stage(n), n);
+      if (tid == 0) copy_v(n);
     } else {
       load_tile<kBlockN, kHeadDim, kNThreads>(v_tile(n), blk.v_ptr, params.v_stride.row, n * kBlockN,
                                               len_k - n * kBlockN, tid, params.v);
@@ -300,21 +303,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     // copies (mbarriers), so one may run up to a tile ahead of the other.
     constexpr int kNWarps = Traits::kNWarps;
     auto done_with_k = [&](int n) {
-      if (lane == 0 && atomicAdd(stage_done + stage(n), 1u) % kNWarps == kNWarps - 1 && n >= 2) {
-        tma_tile(&maps.k, k_tile(n - 2), bar_k + 8 * stage(n), n - 2);
-      }
+      if (lane == 0 && atomicAdd(stage_done + stage(n), 1u) % kNWarps == kNWarps - 1 && n >= 2) copy_k(n - 2);
     };
     auto done_with_v = [&](int n) {
       if (lane == 0 && atomicAdd(stage_done + Traits::kStagesK + v_stage(n), 1u) % kNWarps == kNWarps - 1 &&
           n >= 2) {
-        tma_tile(&maps.v, v_tile(n - 2), bar_v + 8 * v_stage(n), n - 2);
+        copy_v(n - 2);
       }
     };
     // Both stages of each ring are free: K(n_last) is on its way, K(n_last - 1), V(n_last), V(n_last - 1).
     if (tid == 0) {
-      if (n_last > 0) tma_tile(&maps.k, k_tile(n_last - 1), bar_k + 8 * stage(n_last - 1), n_last - 1);
-      tma_tile(&maps.v, v_tile(n_last), bar_v + 8 * v_stage(n_last), n_last);
-      if (n_last > 0) tma_tile(&maps.v, v_tile(n_last - 1), bar_v + 8 * v_stage(n_last - 1), n_last - 1);
+      if (n_last > 0) copy_k(n_last - 1);
+      copy_v(n_last);
+      if (n_last > 0) copy_v(n_last - 1);
     }
     if (kHasKpm) {
       publish_kpm(n_last);
