@@ -122,7 +122,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   # D = 64 and 128 (FwdSm90Variant<D, v>; candidate v for both head dims). FWD_VARIANTS="..." picks them.
   if [ "${FWD_TILE_KERNEL:-sm80}" = sm90 ]; then
     macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; wgmma=1; dims=64,128
-    default_variants="14 8 10"
+    default_variants="15 14 10"
   else
     macros="FLASH_FWD_VARIANT_HDIM64"; wgmma=0; dims=64; default_variants="0 1 2"
   fi

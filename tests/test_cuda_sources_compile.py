@@ -81,7 +81,7 @@ SM90_DEFAULT_VARIANT = {64: 8, 128: 10}  # FLASH_FWD_SM90_VARIANT_HDIM64 / _HDIM
 FORWARD_VARIANTS = [("flash_fwd_hdim64_bf16", "FLASH_FWD_VARIANT_HDIM64", v) for v in (1, 2)] + [
     (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v)
     for d, default in SM90_DEFAULT_VARIANT.items()
-    for v in range(15)
+    for v in range(16)
     if v != default
 ]
 

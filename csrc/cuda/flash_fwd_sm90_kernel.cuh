@@ -79,6 +79,16 @@ __device__ __forceinline__ void warpgroup_barrier(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
 }
 
+// Ping-pong turns of two warpgroups (Traits::kPingPong) on named barriers 3 and 4, 256 threads each: warpgroup
+// wg waits on 3 + wg for its turn, then passes the turn with a non-blocking arrive on the other's barrier.
+// Turns strictly alternate, so a barrier never holds two arrivals of one warpgroup.
+__device__ __forceinline__ void wait_turn(int wg) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory");
+}
+__device__ __forceinline__ void pass_turn(int wg) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory");
+}
+
 }  // namespace sm90
 
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
@@ -335,6 +345,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha, params.scale_log2);
     pack_p<ET>(acc_s, p_frag);
 
+    // kPingPong: the MMAs of each iteration are issued in turns, warpgroup 0 first; warpgroup 1 does not
+    // pass the turn after its last iteration, so every arrive meets a wait.
+    if constexpr (Traits::kPingPong) {
+      if (wg == 1 && n_last > 0) pass_turn(wg);
+    }
     for (int n = n_last - 1; n >= 0; --n) {
       if (kHasKpm) {
         publish_kpm(n);
@@ -342,9 +357,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
         if (n > 0) kpm_next = fetch_kpm(n - 1);
       }
       wait_k(n);
+      if constexpr (Traits::kPingPong) {
+        wait_v(n + 1);  // the tiles first: a turn is not held while a copy lands
+        wait_turn(wg);
+      }
       issue_qk(n);
-      wait_v(n + 1);
+      if constexpr (!Traits::kPingPong) wait_v(n + 1);
       issue_pv(n + 1);
+      if constexpr (Traits::kPingPong) {
+        if (wg == 0 || n > 0) pass_turn(wg);
+      }
       wgmma_wait<1>();  // S(n)
       fence_accumulator(acc_s[0]);
       done_with_k(n);

@@ -122,7 +122,8 @@ struct FwdConfig<256> {
 // mbarrier, instead of cp.async from every thread (overlapped schedule only).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
-          bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false>
+          bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
+          bool kPingPong_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -143,9 +144,12 @@ struct FwdSm90Traits {
   // counts itself off a stage once its MMAs have read it; the warp that completes the count issues the copy
   // of the next tile into that stage. Key padding bits are kept per warpgroup, under a warpgroup barrier.
   static constexpr bool kLastWarpLoads = kLastWarpLoads_;
+  // kPingPong (with kLastWarpLoads): the two warpgroups take turns issuing their MMAs (two named barriers
+  // pass the turn), so that one warpgroup's softmax runs while the other's MMAs hold the tensor cores.
+  static constexpr bool kPingPong = kPingPong_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
   using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
-                                   kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_, false>;
+                                   kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_, false, false>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -183,6 +187,7 @@ struct FwdSm90Traits {
                 "kTma, kPinSoftmax, kFoldScale, kLateRescale and kEmulateExpEvery belong to the overlapped schedule");
   static_assert(!kLastWarpLoads || (kTma && kOverlap && kStagesV == 2 && kBlockM == 128 && kBlockN == 128),
                 "kLastWarpLoads: two warpgroups, TMA, the overlapped schedule with two V stages, 128-key tiles");
+  static_assert(!kPingPong || kLastWarpLoads, "kPingPong: two warpgroups that do not meet at block barriers");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -217,25 +222,28 @@ struct FwdSm90Traits {
 //   13: the same with every 4th (x 0.90-0.96 / 1.00-1.06 of 8);
 //   14: 128 x 128, two warpgroups sharing 2-stage K and V rings without block barriers in the key loop
 //       (kLastWarpLoads), TMA, 10's softmax; one block per SM (160 KB at D = 128, up to 255 registers)
-//       (not yet run on a GPU).
+//       (x 0.83-0.94 / 0.99-1.07 of 10 in one call);
+//   15: 14 with the two warpgroups taking turns on the MMAs (kPingPong, FA3's ping-pong schedule).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 14, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 15, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
-  static constexpr bool kLastWarpLoads = kVariant == 14;
-  // The candidate whose flags 12, 13 and 14 take over.
+  static constexpr bool kPingPong = kVariant == 15;
+  static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
+  // The candidate whose flags 12-15 take over.
   static constexpr int kFlags = kLastWarpLoads ? 10 : (kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant);
   static constexpr bool kTma = kFlags >= 8;
   static constexpr bool kPinSoftmax = kFlags >= 9;
   static constexpr bool kFoldScale = kFlags >= 10;
   static constexpr bool kLateRescale = kFlags == 11;
-  // Variants 8-13 are variant 7 (D = 64) or 6 (D = 128) with TMA copies; 14 has the tiles of 3.
+  // Variants 8-13 are variant 7 (D = 64) or 6 (D = 128) with TMA copies; 14 and 15 have the tiles of 3.
   static constexpr int kBase = kLastWarpLoads ? 3 : (kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant);
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
   using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
                                kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
-                               kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads>;
+                               kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
+                               kPingPong>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
