@@ -52,6 +52,22 @@ def attention_part() -> int:
     return calls
 
 
+def sm90_tiles_part() -> int:
+    """The wgmma forward's default tiles (128-row blocks at D = 128), which the small shapes of the attention
+    part do not reach: every small grid there takes the 64-row tiles (FLASH_ATTN_FWD_SM90_SMALL_GRID)."""
+    calls = 0
+    os.environ["FLASH_ATTN_FWD_SM90_SMALL_GRID"] = "0"
+    for dtype in DTYPES:
+        for shape in SHAPES:
+            for mask_kind in MASKS:
+                run_attention(*make(shape, 128, dtype, mask_kind, seed=calls))
+                calls += 1
+        run_attention(*make((1, 2, 2, 1000, 2049), 128, dtype, "causal", seed=calls))
+        calls += 1
+    del os.environ["FLASH_ATTN_FWD_SM90_SMALL_GRID"]
+    return calls
+
+
 def decode_part(splits: str | None = None, dtype_name: str | None = None) -> int:
     """The split-KV path (forced split counts) on decode shapes, every dtype, head dim and mask.
 
@@ -93,6 +109,7 @@ def layernorm_part() -> int:
 
 PARTS: dict[str, Callable[[], int]] = {
     "attention": attention_part,
+    "sm90tiles": sm90_tiles_part,
     "decode": decode_part,
     "layernorm": layernorm_part,
 }

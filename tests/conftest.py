@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +21,13 @@ def restore_default_backend():
     name, strict = attention_backends.get_default_backend(), attention_backends.is_strict()
     yield
     attention_backends.set_default_backend(name, strict=strict)
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """A seed fixed by the test case's id: the same inputs on every run (a failure reproduces), other
+    inputs for every case. (hash() of strings changes per process.)"""
+    return zlib.crc32(request.node.nodeid.encode()) % 2**31
 
 
 @pytest.fixture(scope="session")

@@ -102,8 +102,8 @@ def check_against_sdpa(q, k, v, kwargs, sdpa_grad_kwargs=None):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference_within_twice_sdpa(shape, mask_kind, head_dim, dtype):
-    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=hash((shape, mask_kind, head_dim)) % 2**31)
+def test_matches_reference_within_twice_sdpa(shape, mask_kind, head_dim, dtype, seed):
+    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=seed)
     check_against_sdpa(q, k, v, kwargs)
 
 
@@ -112,21 +112,33 @@ def needs_hopper():
         pytest.skip("the wgmma forward runs on sm_90 devices")
 
 
-# Both one-pass forward kernels of head dims 64 and 128 on an sm_90 device: the wgmma kernel
-# (FLASH_ATTN_FWD_WGMMA=1, the default there) and the mma.sync kernel (=0), with partial tiles of both
-# (64 x 128 tiles on wgmma) and several key tiles.
-@pytest.mark.parametrize("wgmma", ["0", "1"])
+# The one-pass forward kernels of head dims 64 and 128 on an sm_90 device: mma.sync (FLASH_ATTN_FWD_WGMMA=0),
+# wgmma with the head dim's default tiles and with its small-grid tiles (FLASH_ATTN_FWD_SM90_SMALL_GRID=0 / 1;
+# the same kernel at D = 64), with partial tiles and several key tiles.
+ONE_PASS_KERNELS = {
+    "mma.sync": {"FLASH_ATTN_FWD_WGMMA": "0"},
+    "wgmma": {"FLASH_ATTN_FWD_WGMMA": "1", "FLASH_ATTN_FWD_SM90_SMALL_GRID": "0"},
+    "wgmma-small-grid": {"FLASH_ATTN_FWD_WGMMA": "1", "FLASH_ATTN_FWD_SM90_SMALL_GRID": "1"},
+}
+
+
+def use_kernel(monkeypatch, kernel: str) -> None:
+    for name, value in ONE_PASS_KERNELS[kernel].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")  # the one-pass kernels, not the split-KV path
+
+
+@pytest.mark.parametrize("kernel", list(ONE_PASS_KERNELS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize(
     "shape", [*SHAPES, (2, 2, 1, 257, 385), (1, 2, 2, 300, 129)], ids=lambda s: "x".join(map(str, s))
 )
-def test_both_forward_kernels_on_hopper(monkeypatch, wgmma, shape, mask_kind, head_dim, dtype):
+def test_one_pass_forward_kernels_on_hopper(monkeypatch, kernel, shape, mask_kind, head_dim, dtype, seed):
     needs_hopper()
-    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", wgmma)
-    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")  # the one-pass kernels, not the split-KV path
-    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=hash((shape, mask_kind, wgmma)) % 2**31)
+    use_kernel(monkeypatch, kernel)
+    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=seed)
     check_against_sdpa(q, k, v, kwargs)
 
 
@@ -150,12 +162,13 @@ def kv_in_layout(layout: str, batch: int, heads: int, length: int, head_dim: int
     return [rand(batch * length * head_dim).as_strided(size, stride) for _ in "kv"]
 
 
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-small-grid"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mask_kind", ["none", "padding+causal"])
-def test_hopper_forward_layouts(monkeypatch, layout, head_dim, mask_kind):
+def test_hopper_forward_layouts(monkeypatch, kernel, layout, head_dim, mask_kind):
     needs_hopper()
-    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    use_kernel(monkeypatch, kernel)
     heads = 1 if layout == "one_head_odd_stride" else 3
     batch, len_q, len_k = 2, 150, 333
     k, v = kv_in_layout(layout, batch, heads, len_k, head_dim, torch.bfloat16)
@@ -163,15 +176,16 @@ def test_hopper_forward_layouts(monkeypatch, layout, head_dim, mask_kind):
     check_against_sdpa(q, k, v, kwargs)
 
 
-# Custom scales through the Hopper forward (candidate 10 folds the scale into the exponential and hands a
+# Custom scales through the Hopper forward (candidates 10 and up fold the scale into the exponential and hands a
 # scale that is not positive to the mma.sync kernel). torch's CUDA SDPA backward returns NaN gradients for
 # a scale <= 0 with a mask (torch 2.11, H200, 2026-11-29; its outputs are fine): there our gradients are
 # held to twice SDPA's gradient error at scale 0.3 on the same inputs.
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-small-grid"])
 @pytest.mark.parametrize("scale", [0.3, 0.0, -0.2])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_hopper_forward_scales(monkeypatch, scale, head_dim):
+def test_hopper_forward_scales(monkeypatch, kernel, scale, head_dim):
     needs_hopper()
-    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    use_kernel(monkeypatch, kernel)
     q, k, v, kwargs = make((2, 3, 3, 150, 333), head_dim, torch.bfloat16, "padding+causal", seed=11)
     grad_baseline = None if scale > 0 else {**kwargs, "scale": 0.3}
     check_against_sdpa(q, k, v, {**kwargs, "scale": scale}, sdpa_grad_kwargs=grad_baseline)
@@ -187,6 +201,31 @@ def forward_kernel_names(q, k, v) -> list[str]:
         ab.attention(q, k, v, backend="flash", strict=True)
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if "flash_fwd_sm90_kernel" in e.name]
+
+
+def sm90_block_rows(q, k, v) -> set[int]:
+    """Query rows per block (FwdSm90Traits' 2nd argument) of the Hopper forward kernels that ran."""
+    names = forward_kernel_names(q, k, v)
+    assert names, "the Hopper forward did not run"
+    return {int(re.search(r"FwdSm90Traits<([^>]*)>", n).group(1).split(",")[1]) for n in names}
+
+
+# A grid of the default tiles' blocks that would leave more than a fifth of the SMs idle takes the
+# small-grid tiles (64-row blocks, twice as many); FLASH_ATTN_FWD_SM90_SMALL_GRID=0 / 1 forces either.
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_small_grids_take_the_64_row_tiles(monkeypatch, head_dim):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    small = torch.randn(1, 2, 128, head_dim, device="cuda", dtype=torch.bfloat16)  # 1-2 blocks per head
+    large = torch.randn(1, sms, 128, head_dim, device="cuda", dtype=torch.bfloat16)  # >= 1 block per SM
+    monkeypatch.setenv("FLASH_ATTN_FWD_SM90_SMALL_GRID", "0")
+    default_rows = sm90_block_rows(small, small, small)
+    monkeypatch.setenv("FLASH_ATTN_FWD_SM90_SMALL_GRID", "1")
+    assert sm90_block_rows(large, large, large) == {64}
+    monkeypatch.delenv("FLASH_ATTN_FWD_SM90_SMALL_GRID")
+    assert sm90_block_rows(small, small, small) == {64}
+    assert sm90_block_rows(large, large, large) == default_rows
 
 
 # Candidates 8 and up copy K and V by TMA (FwdSm90Traits' 7th argument, kTma) where the driver maps the
@@ -227,10 +266,11 @@ def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, hea
     assert any("sm90" in n for n in names) == expected, names
 
 
-def test_bad_wgmma_switch_raises_before_launch(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", "yes")
+@pytest.mark.parametrize("variable", ["FLASH_ATTN_FWD_WGMMA", "FLASH_ATTN_FWD_SM90_SMALL_GRID"])
+def test_bad_wgmma_switch_raises_before_launch(monkeypatch, variable):
+    monkeypatch.setenv(variable, "yes")
     q = torch.randn(1, 2, 16, 128, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="FLASH_ATTN_FWD_WGMMA"):
+    with pytest.raises(ValueError, match=variable):
         torch.ops.flash_attn.fwd(q, q, q, None, None, 0.125, False)
     torch.cuda.synchronize()
 

@@ -269,9 +269,10 @@ def test_heuristic_keeps_the_one_pass_kernel_where_it_fills_the_gpu(monkeypatch)
 
 
 def test_heuristic_counts_the_blocks_of_the_kernel_that_would_run(monkeypatch):
-    """The wgmma forward (sm_90) runs 64-row blocks, the mma.sync one 128-row blocks: Nq = 256 with
-    ceil(0.2 * SMs) heads fills the GPU with the first (4 blocks per head, >= 80 % of the SMs) and not with
-    the second (2 per head), so the one-pass kernel is kept on wgmma and the keys are split without it."""
+    """The wgmma forward (sm_90) takes 64-row blocks where its default's grid would be small, the mma.sync
+    one runs 128-row blocks: Nq = 256 with ceil(0.2 * SMs) heads fills the GPU with the first (4 blocks per
+    head, >= 80 % of the SMs) and not with the second (2 per head), so the one-pass kernel is kept on wgmma
+    and the keys are split without it."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma forward runs on sm_90 devices")
     monkeypatch.delenv("FLASH_ATTN_NUM_SPLITS", raising=False)

@@ -38,8 +38,6 @@ constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 constexpr int kMaxSplits = 128;
 constexpr int64_t kMinTilesPerSplit = 2;
 constexpr int64_t kOnePassBlockM = FwdConfig<128>::Traits::kBlockM;  // query rows of a one-pass block
-constexpr int64_t kSm90OnePassBlockM = FwdSm90Config<128>::Traits::kBlockM;  // ... of the wgmma forward's
-static_assert(FwdSm90Config<64>::Traits::kBlockM == kSm90OnePassBlockM, "one block height for both head dims");
 constexpr int64_t kSplitBlockM = SplitConfig<128>::Traits::kBlockM;  // packed rows of a split block
 
 // The kernel copies 16-byte chunks: the base pointer and every stride it multiplies by a possibly
@@ -81,17 +79,23 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
 // flash, the mma.sync kernel 0.98-1.08x and 0.97-1.03x; the v8 kernels 1.38-1.46x and 1.35-1.53x on the
 // grid: docs/perf.md). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel everywhere (to compare the two);
 // =1 is the default.
+// An environment variable that is 0, 1 or unset (nullopt); other values raise a ValueError naming it.
+std::optional<bool> env_flag(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return std::nullopt;
+  FLASH_CHECK_VALUE(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0, kOp,
+                    ": expected the environment variable ", name, " to be 0 or 1 (or unset), got '", env, "'");
+  return env[0] == '1';
+}
+
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
-  const char* env = std::getenv("FLASH_ATTN_FWD_WGMMA");
-  const bool set = env != nullptr && *env != '\0';
-  FLASH_CHECK_VALUE(!set || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0, kOp,
-                    ": expected the environment variable FLASH_ATTN_FWD_WGMMA to be 0 or 1 (or unset), got '",
-                    set ? env : "", "'");
+  const std::optional<bool> wgmma = env_flag("FLASH_ATTN_FWD_WGMMA");
 #ifdef FLASH_WITH_SM90A
-  const bool off = set && env[0] == '0';
+  const bool off = wgmma.has_value() && !*wgmma;
   if (off || !(head_dim == 64 || head_dim == 128)) return false;
   return compute_capability_major(device) == 9;
 #else
+  (void)wgmma;
   (void)device;
   (void)head_dim;
   return false;
@@ -187,6 +191,30 @@ SplitDeviceInfo split_device_info(int device, at::ScalarType dtype, int64_t head
   return info;
 }
 
+// A grid keeps the GPU busy when its blocks cover at least 80 % of the SMs.
+bool fills_gpu(int64_t blocks, int num_sms) { return 5 * blocks >= 4 * static_cast<int64_t>(num_sms); }
+
+// Blocks of the one-pass kernel with block_m query rows per block: (B, Hq, Nq / block_m).
+int64_t one_pass_blocks(const AttnShape& s, int64_t block_m) {
+  return s.batch * s.heads_q * ceil_div(s.len_q, block_m);
+}
+
+// Query rows per block of the wgmma forward for head dim 64 or 128: its default tiles', or its small-grid
+// tiles' (64) where the default's grid would not fill the GPU. FLASH_ATTN_FWD_SM90_SMALL_GRID=1 takes the
+// small-grid tiles for every shape, =0 never (tests and benchmarks; at D = 64 both are the same kernel).
+struct Sm90Tiles {
+  bool small_grid;
+  int64_t block_m;
+};
+Sm90Tiles choose_sm90_tiles(const AttnShape& s, int num_sms, std::optional<bool> forced_small_grid) {
+  const bool d64 = s.head_dim == 64;
+  const int64_t rows = d64 ? FwdSm90Config<64>::Traits::kBlockM : FwdSm90Config<128>::Traits::kBlockM;
+  const int64_t small_rows =
+      d64 ? FwdSm90Config<64>::SmallGridTraits::kBlockM : FwdSm90Config<128>::SmallGridTraits::kBlockM;
+  const bool small_grid = forced_small_grid.value_or(!fills_gpu(one_pass_blocks(s, rows), num_sms));
+  return {small_grid, small_grid ? small_rows : rows};
+}
+
 // Split-kernel blocks of one split: (packed row tiles of a key/value group) x B x Hkv.
 int64_t split_blocks_per_split(const AttnShape& s) {
   const int64_t group = s.heads_q / s.heads_kv;
@@ -196,8 +224,8 @@ int64_t split_blocks_per_split(const AttnShape& s) {
 // The number of key splits, 1 for the one-pass kernel.
 //  - Each split covers at least kMinTilesPerSplit key tiles; at most kMaxSplits splits.
 //  - The one-pass kernel is kept when its (B, Hq, Nq / block_m) blocks fill the GPU (>= 80% of the SMs)
-//    and its query tiles are not mostly padding (block_m: 128 rows for the mma.sync kernel, 64 for the
-//    wgmma one). With few queries per key/value head
+//    and its query tiles are not mostly padding (block_m: 128 rows for the mma.sync kernel, the chosen
+//    tiles' for the wgmma one: choose_sm90_tiles). With few queries per key/value head
 //    (decoding: Nq * group well below 128) they are: each of its blocks multiplies 128 rows where a
 //    few are real, and reads K/V once per query head, so the split kernel (16-row tiles, K/V read
 //    once per group) is used even when the one-pass grid is large, with at least 2 splits.
@@ -208,12 +236,10 @@ int heuristic_num_splits(const AttnShape& s, int block_n, int num_sms, int block
   const int64_t max_splits = std::min<int64_t>(kMaxSplits, n_tiles / kMinTilesPerSplit);
   if (max_splits < 2) return 1;
   const int64_t group = s.heads_q / s.heads_kv;
-  const int64_t one_pass_blocks = s.batch * s.heads_q * ceil_div(s.len_q, block_m);
   const int64_t split_rows = ceil_div(group * s.len_q, kSplitBlockM) * kSplitBlockM;
   const int64_t one_pass_rows = group * ceil_div(s.len_q, block_m) * block_m;
   const bool mostly_padding = 2 * split_rows <= one_pass_rows;
-  const bool one_pass_fills = 5 * one_pass_blocks >= 4 * static_cast<int64_t>(num_sms);
-  if (one_pass_fills && !mostly_padding) return 1;
+  if (fills_gpu(one_pass_blocks(s, block_m), num_sms) && !mostly_padding) return 1;
   const int64_t per_split = split_blocks_per_split(s);
   int64_t splits = static_cast<int64_t>(num_sms) * blocks_per_sm / per_split;
   splits = std::min(std::max<int64_t>(splits, 2), max_splits);
@@ -242,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                     ": expected B and Hq to be at most 65535 on CUDA, got B = ", s.batch,
                     ", Hq = ", s.heads_q);
   const int forced_splits = forced_num_splits();
+  const std::optional<bool> forced_small_grid = env_flag("FLASH_ATTN_FWD_SM90_SMALL_GRID");
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
   const int max_smem = max_smem_per_block(q_in.device());
@@ -264,13 +291,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   std::optional<at::Tensor> lens;
   if (seqlens_k.has_value()) lens = seqlens_k->contiguous();
 
-  // Whether the one-pass kernel is the wgmma one (reads FLASH_ATTN_FWD_WGMMA on every call).
+  // Whether the one-pass kernel is the wgmma one (reads FLASH_ATTN_FWD_WGMMA on every call), and its tiles.
   const bool sm90 = use_sm90_forward(q_in.device(), D);
+  const SplitDeviceInfo info = split_device_info(q_in.get_device(), dtype, D);
+  const Sm90Tiles sm90_tiles = sm90 ? choose_sm90_tiles(s, info.num_sms, forced_small_grid)
+                                    : Sm90Tiles{false, kOnePassBlockM};
   int num_splits = forced_splits;
   if (num_splits == 0) {
-    const SplitDeviceInfo info = split_device_info(q_in.get_device(), dtype, D);
-    num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm,
-                                      sm90 ? kSm90OnePassBlockM : kOnePassBlockM);
+    num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm, sm90_tiles.block_m);
   }
   // The split kernel where the device gives its blocks enough shared memory (sm_86 / sm_89 give 99 KB),
   // else the one-pass kernel; a forced split count is kept and checked.
@@ -320,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634074);  // scale * log2(e)
   params.is_causal = is_causal;
   params.use_sm90 = sm90 && num_splits == 1;
+  params.sm90_small_grid = sm90_tiles.small_grid;
   params.num_splits = num_splits;
   if (num_splits > 1) {
     params.out_accum = out_accum.data_ptr<float>();

@@ -521,9 +521,8 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::K
 // Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device. Tiles with
 // kTma fall back to cp.async copies when a tensor map of K or V cannot be made (e.g. a stride the copy
 // engine cannot address); tiles with kFoldScale hand a scale that is not positive to the mma.sync kernel.
-template <typename Element, int HeadDim>
-void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
-  using Traits = typename FwdSm90Config<HeadDim>::Traits;
+template <typename Traits, typename Element, int HeadDim>
+void run_fwd_sm90_tiles(const FwdParams& params, cudaStream_t stream) {
   if constexpr (Traits::kFoldScale) {
     if (!(params.scale_log2 > 0.f)) {
       run_fwd<Element, HeadDim>(params, stream);
@@ -544,6 +543,19 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
     }
   }
   launch_fwd_sm90<typename Traits::WithoutTma, Element>(params, stream, maps);
+}
+
+// The head dim's default tiles, or its small-grid tiles where the API layer chose them.
+template <typename Element, int HeadDim>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  using Config = FwdSm90Config<HeadDim>;
+  if constexpr (!std::is_same_v<typename Config::SmallGridTraits, typename Config::Traits>) {
+    if (params.sm90_small_grid) {
+      run_fwd_sm90_tiles<typename Config::SmallGridTraits, Element, HeadDim>(params, stream);
+      return;
+    }
+  }
+  run_fwd_sm90_tiles<typename Config::Traits, Element, HeadDim>(params, stream);
 }
 
 }  // namespace flash

@@ -16,6 +16,8 @@
 // overlaps the softmax and O += P V(n).
 #pragma once
 
+#include <type_traits>
+
 namespace flash {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocks_ = 1>
@@ -214,7 +216,7 @@ struct FwdSm90Traits {
 //      masking of S ran there) (1.25-1.39x / 1.38-1.67x; x 0.92-0.98 / 1.01-1.11 of 8 in the same call);
 //   10: 9 with the softmax scale folded into the exponential (kFoldScale); needs scale > 0, other scales
 //      run the mma.sync kernel (1.29-1.46x / 1.47-1.67x; x 0.96-1.02 / 1.05-1.13 of 8): the default at
-//      D = 128;
+//      D = 128 until 15;
 //   11: 10 with O rescaled under S(n) (kLateRescale) (1.31-1.46x / 1.44-1.72x; x 0.95-1.02 / 1.03-1.11);
 //   12: the defaults (8 at D = 64, 10 at D = 128) with the exponentials of every 8th n8 fragment of S on the
 //       FMA pipe (kEmulateExpEvery) (x 0.96-0.98 / 1.03-1.10 of 8 in one call: slower than 8 at D = 64, no
@@ -223,7 +225,8 @@ struct FwdSm90Traits {
 //   14: 128 x 128, two warpgroups sharing 2-stage K and V rings without block barriers in the key loop
 //       (kLastWarpLoads), TMA, 10's softmax; one block per SM (160 KB at D = 128, up to 255 registers)
 //       (x 0.83-0.94 / 0.99-1.07 of 10 in one call);
-//   15: 14 with the two warpgroups taking turns on the MMAs (kPingPong, FA3's ping-pong schedule).
+//   15: 14 with the two warpgroups taking turns on the MMAs (kPingPong, FA3's ping-pong schedule)
+//       (1.18-1.31x / 1.52-1.79x; x 0.80-1.00 / 1.01-1.07 of 10 in one call): the default at D = 128.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 15, "no wgmma forward variant with this number");
@@ -249,19 +252,25 @@ struct FwdSm90Variant {
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 10
+#define FLASH_FWD_SM90_VARIANT_HDIM128 15
 #endif
 
+// Traits: the head dim's default. SmallGridTraits: the kernel for grids too small for the default's blocks
+// (fewer than 80 % of the SMs busy, see flash_fwd_api.cpp): candidate kSmallGrid's 64-row blocks, twice as
+// many; the default itself when its blocks are 64 rows already.
+template <int kHeadDim, int kVariant, int kSmallGrid>
+struct FwdSm90Choice {
+  using Traits = typename FwdSm90Variant<kHeadDim, kVariant>::Traits;
+  using SmallGridTraits = std::conditional_t<Traits::kBlockM == 64, Traits,
+                                             typename FwdSm90Variant<kHeadDim, kSmallGrid>::Traits>;
+  static_assert(SmallGridTraits::kBlockM == 64, "the small-grid kernel has 64-row blocks");
+};
 template <int kHeadDim>
 struct FwdSm90Config;
 template <>
-struct FwdSm90Config<64> {
-  using Traits = FwdSm90Variant<64, FLASH_FWD_SM90_VARIANT_HDIM64>::Traits;
-};
+struct FwdSm90Config<64> : FwdSm90Choice<64, FLASH_FWD_SM90_VARIANT_HDIM64, 8> {};
 template <>
-struct FwdSm90Config<128> {
-  using Traits = FwdSm90Variant<128, FLASH_FWD_SM90_VARIANT_HDIM128>::Traits;
-};
+struct FwdSm90Config<128> : FwdSm90Choice<128, FLASH_FWD_SM90_VARIANT_HDIM128, 10> {};
 
 // Split-KV forward kernel (flash_fwd_split_kernel.cuh), made for decoding: few query rows, many keys.
 //
