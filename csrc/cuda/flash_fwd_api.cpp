@@ -199,9 +199,12 @@ int64_t one_pass_blocks(const AttnShape& s, int64_t block_m) {
   return s.batch * s.heads_q * ceil_div(s.len_q, block_m);
 }
 
-// Query rows per block of the wgmma forward for head dim 64 or 128: its default tiles', or its small-grid
-// tiles' (64) where the default's grid would not fill the GPU. FLASH_ATTN_FWD_SM90_SMALL_GRID=1 takes the
-// small-grid tiles for every shape, =0 never (tests and benchmarks; at D = 64 both are the same kernel).
+// Tiles of the wgmma forward (head dim 64 or 128): its default tiles, or its small-grid tiles (64-row blocks,
+// twice as many) where the default's blocks would cover at most half of the SMs. Measured at D = 128 (H200,
+// 132 SMs; default 128-row blocks, one per SM): 64 blocks ran 11-14 % faster as 128 64-row blocks, 104 blocks
+// 11 % slower (docs/perf.md). FLASH_ATTN_FWD_SM90_SMALL_GRID=1 takes the small-grid tiles for every shape, =0
+// never (tests and benchmarks; at D = 64 both are the same kernel). block_m: the rows of the small-grid
+// tiles, which the split heuristic counts: where the default tiles run, twice their blocks fill the GPU.
 struct Sm90Tiles {
   bool small_grid;
   int64_t block_m;
@@ -211,8 +214,8 @@ Sm90Tiles choose_sm90_tiles(const AttnShape& s, int num_sms, std::optional<bool>
   const int64_t rows = d64 ? FwdSm90Config<64>::Traits::kBlockM : FwdSm90Config<128>::Traits::kBlockM;
   const int64_t small_rows =
       d64 ? FwdSm90Config<64>::SmallGridTraits::kBlockM : FwdSm90Config<128>::SmallGridTraits::kBlockM;
-  const bool small_grid = forced_small_grid.value_or(!fills_gpu(one_pass_blocks(s, rows), num_sms));
-  return {small_grid, small_grid ? small_rows : rows};
+  const bool small_grid = forced_small_grid.value_or(2 * one_pass_blocks(s, rows) <= num_sms);
+  return {small_grid, small_rows};
 }
 
 // Split-kernel blocks of one split: (packed row tiles of a key/value group) x B x Hkv.
@@ -224,8 +227,8 @@ int64_t split_blocks_per_split(const AttnShape& s) {
 // The number of key splits, 1 for the one-pass kernel.
 //  - Each split covers at least kMinTilesPerSplit key tiles; at most kMaxSplits splits.
 //  - The one-pass kernel is kept when its (B, Hq, Nq / block_m) blocks fill the GPU (>= 80% of the SMs)
-//    and its query tiles are not mostly padding (block_m: 128 rows for the mma.sync kernel, the chosen
-//    tiles' for the wgmma one: choose_sm90_tiles). With few queries per key/value head
+//    and its query tiles are not mostly padding (block_m: 128 rows for the mma.sync kernel, 64 for the
+//    wgmma one: choose_sm90_tiles). With few queries per key/value head
 //    (decoding: Nq * group well below 128) they are: each of its blocks multiplies 128 rows where a
 //    few are real, and reads K/V once per query head, so the split kernel (16-row tiles, K/V read
 //    once per group) is used even when the one-pass grid is large, with at least 2 splits.
