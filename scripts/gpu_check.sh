@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, profile (ncu),
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, bwdwgmma, profile (ncu),
 #        errsweep (error ratios over many draws of one test case)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
@@ -47,6 +47,19 @@ if [[ " $stages " == *" wgmma "* ]]; then
     note "forward, FLASH_ATTN_FWD_WGMMA=$w: rc=$?"; grep -E "^\|" "$OUT/fwd_wgmma_$w.log" >> "$summary"
   done
 fi
+if [[ " $stages " == *" bwdwgmma "* ]]; then
+  # The Hopper (wgmma) backward (FLASH_ATTN_BWD_WGMMA=1): its tests, then fwd+bwd against SDPA flash with the
+  # mma.sync backward (=0) and the wgmma one (=1); the forward is the same in both.
+  timeout ${BWD_TESTS_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_flash_cuda.py -k "hopper_backward or backward_switch" \
+    > "$OUT/bwd_wgmma_tests.log" 2>&1
+  note "wgmma backward tests: $(tail -1 "$OUT/bwd_wgmma_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/bwd_wgmma_tests.log" | head -20 | tee -a "$summary"
+  for w in 0 1; do
+    FLASH_ATTN_BWD_WGMMA=$w timeout ${BWD_BENCH_TIMEOUT:-150} python3 scripts/bench_flash_cuda.py --head-dims 64,128 \
+      --seqlens ${BWD_SEQLENS:-1024,4096,16384} > "$OUT/bwd_wgmma_$w.log" 2>&1
+    note "fwd+bwd, FLASH_ATTN_BWD_WGMMA=$w: rc=$?"; grep -E "^\|" "$OUT/bwd_wgmma_$w.log" >> "$summary"
+  done
+fi
 if [[ " $stages " == *" train "* ]]; then
   for backend in flash sdpa; do
     timeout 200 python3 train.py attention=$backend attention.strict=true precision=bf16 \
@@ -75,7 +88,7 @@ if [[ " $stages " == *" sanitize "* ]]; then
   # racecheck's host memory grows with every launch (55 GB over the attention part, 68 GB over one split
   # count of the decode part): it runs the parts one process at a time; memcheck and synccheck (1 GB) run
   # them all in one process.
-  racecheck_parts="attention sm90tiles decode:3:float16 decode:3:bfloat16 decode:64:float16 decode:64:bfloat16 layernorm"
+  racecheck_parts="attention sm90tiles sm90bwd decode:3:float16 decode:3:bfloat16 decode:64:float16 decode:64:bfloat16 layernorm"
   i=0
   for tool in memcheck racecheck synccheck; do
     ( export CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]}

@@ -68,6 +68,20 @@ def sm90_tiles_part() -> int:
     return calls
 
 
+def sm90_backward_part() -> int:
+    """The Hopper backward (FLASH_ATTN_BWD_WGMMA=1) over the attention part's shapes and masks, D = 64 and 128."""
+    calls = 0
+    os.environ["FLASH_ATTN_BWD_WGMMA"] = "1"
+    for dtype in DTYPES:
+        for head_dim in (64, 128):
+            for shape in SHAPES:
+                for mask_kind in MASKS:
+                    run_attention(*make(shape, head_dim, dtype, mask_kind, seed=calls))
+                    calls += 1
+    del os.environ["FLASH_ATTN_BWD_WGMMA"]
+    return calls
+
+
 def decode_part(splits: str | None = None, dtype_name: str | None = None) -> int:
     """The split-KV path (forced split counts) on decode shapes, every dtype, head dim and mask.
 
@@ -110,6 +124,7 @@ def layernorm_part() -> int:
 PARTS: dict[str, Callable[[], int]] = {
     "attention": attention_part,
     "sm90tiles": sm90_tiles_part,
+    "sm90bwd": sm90_backward_part,
     "decode": decode_part,
     "layernorm": layernorm_part,
 }

@@ -191,6 +191,59 @@ def test_hopper_forward_scales(monkeypatch, kernel, scale, head_dim):
     check_against_sdpa(q, k, v, {**kwargs, "scale": scale}, sdpa_grad_kwargs=grad_baseline)
 
 
+# The Hopper (wgmma) backward, FLASH_ATTN_BWD_WGMMA=1 (off by default): gradients of head dims 64 and 128
+# within 2x SDPA's error, with partial key blocks (128 keys) and query tiles (64), several of each.
+HOPPER_BWD_SHAPES = [*SHAPES, (2, 2, 1, 257, 385), (1, 2, 2, 300, 129)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", HOPPER_BWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_hopper_backward(monkeypatch, shape, mask_kind, head_dim, dtype, seed):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", "1")
+    q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=seed)
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_backward_layouts(monkeypatch, layout, head_dim):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", "1")
+    heads = 1 if layout == "one_head_odd_stride" else 3
+    k, v = kv_in_layout(layout, 2, heads, 333, head_dim, torch.bfloat16)
+    q, _, _, kwargs = make((2, heads, heads, 150, 333), head_dim, torch.bfloat16, "padding+causal", seed=5)
+    check_against_sdpa(q, k, v, kwargs)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(None, False), ("0", False), ("1", True)])
+def test_hopper_backward_runs_where_switched_on(monkeypatch, flag, expected):
+    needs_hopper()
+    if flag is None:
+        monkeypatch.delenv("FLASH_ATTN_BWD_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", flag)
+    q = torch.randn(1, 2, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = ab.attention(q, q, q, backend="flash", strict=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "bwd" in e.name]
+    assert names, "no backward kernel was recorded"
+    assert any("flash_bwd_sm90_kernel" in n for n in names) == expected, names
+
+
+def test_bad_backward_switch_raises_before_launch(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", "yes")
+    q = torch.randn(1, 2, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = ab.attention(q, q, q, backend="flash", strict=True)
+    with pytest.raises(ValueError, match="FLASH_ATTN_BWD_WGMMA"):
+        out.float().sum().backward()
+    torch.cuda.synchronize()
+
+
 def sm90_default_variant(head_dim: int) -> int:
     traits = (_build.CSRC / "cuda" / "kernel_traits.h").read_text()
     return int(re.search(rf"#define FLASH_FWD_SM90_VARIANT_HDIM{head_dim} (\d+)", traits).group(1))

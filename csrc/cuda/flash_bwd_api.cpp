@@ -47,6 +47,20 @@ int bwd_min_smem_bytes(int64_t head_dim) {
   }
 }
 
+// FLASH_ATTN_BWD_WGMMA=1: the Hopper backward (flash_bwd_sm90_kernel.cuh) for head dims 64 and 128 on sm_90
+// devices of a build with sm_90a code; unset or 0: the mma.sync backward.
+bool use_sm90_backward(const c10::Device& device, int64_t head_dim) {
+  const bool on = flash::env_flag(kOp, "FLASH_ATTN_BWD_WGMMA").value_or(false);
+#ifdef FLASH_WITH_SM90A
+  return on && (head_dim == 64 || head_dim == 128) && flash::compute_capability_major(device) == 9;
+#else
+  (void)on;
+  (void)device;
+  (void)head_dim;
+  return false;
+#endif
+}
+
 template <typename Element>
 void run_bwd_hdim(const flash::BwdParams& params, int64_t head_dim, cudaStream_t stream) {
   switch (head_dim) {
@@ -86,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
+  const bool sm90 = use_sm90_backward(q_in.device(), s.head_dim);
   const int max_smem = flash::max_smem_per_block(q_in.device());
   flash::check_smem_fits(kOp, s.head_dim, bwd_min_smem_bytes(s.head_dim), q_in.device(), max_smem);
   const auto opts = q_in.options();
@@ -155,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dq_accum_rows = static_cast<int>(dq_accum_rows);
   p.softmax_d = softmax_d.data_ptr<float>();
   p.max_smem_per_block = max_smem;
+  p.use_sm90 = sm90;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dtype == at::kHalf) {

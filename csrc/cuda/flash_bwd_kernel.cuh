@@ -413,6 +413,12 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kPreThreads / kThreadsPerRow;
   bwd_dot_do_o_kernel<T, kHeadDim, kThreadsPerRow, kPreThreads>
       <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kPreThreads, 0, stream>>>(params);
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+    if (params.use_sm90) {
+      run_bwd_sm90<T, kHeadDim>(params, stream);
+      return;
+    }
+  }
 
   // The default tiles where the device's blocks get enough shared memory, else the fallback (the
   // API layer has checked that one of them fits).

@@ -8,9 +8,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <utility>
+
+#include "../flash_checks.h"
 
 namespace flash {
 
@@ -46,6 +51,15 @@ inline void check_smem_fits(const char* op, int64_t head_dim, int need_bytes, co
   TORCH_CHECK_NOT_IMPLEMENTED(need_bytes <= have_bytes, op, ": head dim ", head_dim, " needs ", need_bytes / 1024,
                               " KB of shared memory per block; this GPU (", device, ") offers ",
                               have_bytes / 1024, " KB");
+}
+
+// An environment variable of `op` that is 0, 1 or unset (nullopt); other values raise a ValueError naming it.
+inline std::optional<bool> env_flag(const char* op, const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return std::nullopt;
+  FLASH_CHECK_VALUE(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0, op,
+                    ": expected the environment variable ", name, " to be 0 or 1 (or unset), got '", env, "'");
+  return env[0] == '1';
 }
 
 }  // namespace flash

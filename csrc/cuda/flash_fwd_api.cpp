@@ -79,17 +79,8 @@ void run_fwd_any(const FwdParams& params, cudaStream_t stream) {
 // flash, the mma.sync kernel 0.98-1.08x and 0.97-1.03x; the v8 kernels 1.38-1.46x and 1.35-1.53x on the
 // grid: docs/perf.md). FLASH_ATTN_FWD_WGMMA=0 keeps the mma.sync kernel everywhere (to compare the two);
 // =1 is the default.
-// An environment variable that is 0, 1 or unset (nullopt); other values raise a ValueError naming it.
-std::optional<bool> env_flag(const char* name) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return std::nullopt;
-  FLASH_CHECK_VALUE(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0, kOp,
-                    ": expected the environment variable ", name, " to be 0 or 1 (or unset), got '", env, "'");
-  return env[0] == '1';
-}
-
 bool use_sm90_forward(const c10::Device& device, int64_t head_dim) {
-  const std::optional<bool> wgmma = env_flag("FLASH_ATTN_FWD_WGMMA");
+  const std::optional<bool> wgmma = env_flag(kOp, "FLASH_ATTN_FWD_WGMMA");
 #ifdef FLASH_WITH_SM90A
   const bool off = wgmma.has_value() && !*wgmma;
   if (off || !(head_dim == 64 || head_dim == 128)) return false;
@@ -271,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                     ": expected B and Hq to be at most 65535 on CUDA, got B = ", s.batch,
                     ", Hq = ", s.heads_q);
   const int forced_splits = forced_num_splits();
-  const std::optional<bool> forced_small_grid = env_flag("FLASH_ATTN_FWD_SM90_SMALL_GRID");
+  const std::optional<bool> forced_small_grid = env_flag(kOp, "FLASH_ATTN_FWD_SM90_SMALL_GRID");
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
   const int max_smem = max_smem_per_block(q_in.device());

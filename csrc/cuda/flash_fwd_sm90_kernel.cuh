@@ -38,28 +38,6 @@ namespace flash {
 
 namespace sm90 {
 
-// cp.async of rows [row_begin, row_begin + kRows) of one (batch, head) slice (row stride in elements)
-// into a swizzled tile; rows at or past rows_valid are zero-filled and read nothing. Consecutive threads
-// copy consecutive 16-byte chunks of a row (whole 32-byte sectors; conflict-free smem writes).
-template <int kRows, int kHeadDim, int kThreads, typename Element>
-__device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* slice, int64_t row_stride,
-                                          int row_begin, int rows_valid, int tid, const void* fallback) {
-  constexpr int kCpr = kHeadDim / 8;
-  constexpr int kRowsPerPass = kThreads / kCpr;
-  static_assert(kThreads % kCpr == 0 && kRows % kRowsPerPass == 0, "tile copy splits evenly");
-  const int r0 = tid / kCpr;
-  const int c = tid % kCpr;
-  const Element* src = slice + static_cast<int64_t>(row_begin + r0) * row_stride + c * 8;
-  const int64_t pass_stride = kRowsPerPass * row_stride;
-#pragma unroll
-  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const int r = r0 + i * kRowsPerPass;
-    const bool pred = r < rows_valid;
-    cp_async_16(smem_tile + swizzled_offset(r, c, kRows), pred ? static_cast<const void*>(src) : fallback, pred);
-    src += pass_stride;
-  }
-}
-
 // Ends the softmax of S(n) before the wait for O += P V(n + 1), so that it runs while that MMA does.
 // ptxas schedules a basic block as a whole and puts the wgmma wait early, ahead of register-only math
 // that the source places before it: without this the row max, the exponentials and the row sums ran

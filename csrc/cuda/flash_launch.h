@@ -26,4 +26,9 @@ int fwd_split_blocks_per_sm();
 template <typename Element, int HeadDim>
 void run_bwd(const BwdParams& params, cudaStream_t stream);
 
+// The backward's dK, dV and dQ on Hopper's warpgroup MMAs (sm_90a builds, sm_90 devices; head dims 64 and
+// 128; run_bwd calls it where params.use_sm90, after softmax_d).
+template <typename Element, int HeadDim>
+void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
+
 }  // namespace flash

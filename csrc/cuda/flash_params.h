@@ -33,7 +33,7 @@ struct FwdParams {
   float scale;  // softmax scale
   float scale_log2;  // scale * log2(e)
   bool is_causal;
-  bool use_sm90;  // the one-pass forward runs the wgmma kernel (run_fwd_sm90)
+  bool use_sm90;  // the one-pass forward runs the wgmma kernel (run_fwd_sm90); BwdParams: run_bwd_sm90
   bool sm90_small_grid;  // ... with FwdSm90Config<D>::SmallGridTraits (64-row blocks), not ::Traits
 
   // Split-KV path (flash_fwd_split_kernel.cuh), used when num_splits >= 2: the keys are cut into

@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "flash_utils.cuh"
+
 namespace flash {
 namespace sm90 {
 
@@ -37,6 +39,28 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo_b
   desc |= uint64_t((sbo_bytes >> 4) & 0x3FFFu) << 32;
   desc |= uint64_t(1) << 62;
   return desc;
+}
+
+// cp.async of rows [row_begin, row_begin + kRows) of one (batch, head) slice (row stride in elements)
+// into a swizzled tile; rows at or past rows_valid are zero-filled and read nothing. Consecutive threads
+// copy consecutive 16-byte chunks of a row (whole 32-byte sectors; conflict-free smem writes).
+template <int kRows, int kHeadDim, int kThreads, typename Element>
+__device__ __forceinline__ void load_tile(uint32_t smem_tile, const Element* slice, int64_t row_stride,
+                                          int row_begin, int rows_valid, int tid, const void* fallback) {
+  constexpr int kCpr = kHeadDim / 8;
+  constexpr int kRowsPerPass = kThreads / kCpr;
+  static_assert(kThreads % kCpr == 0 && kRows % kRowsPerPass == 0, "tile copy splits evenly");
+  const int r0 = tid / kCpr;
+  const int c = tid % kCpr;
+  const Element* src = slice + static_cast<int64_t>(row_begin + r0) * row_stride + c * 8;
+  const int64_t pass_stride = kRowsPerPass * row_stride;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int r = r0 + i * kRowsPerPass;
+    const bool pred = r < rows_valid;
+    cp_async_16(smem_tile + swizzled_offset(r, c, kRows), pred ? static_cast<const void*>(src) : fallback, pred);
+    src += pass_stride;
+  }
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -97,26 +121,30 @@ struct WgmmaType<__nv_bfloat16> {
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 // D (64 x N) = A B (+ D when scale_d != 0), N = 64 or 128; A: K-major descriptor (64 x 16), B: K-major
-// descriptor (N rows of 16 K-elements, i.e. B^T stored row-major). The instruction is written once, as a
-// macro of the element type's PTX name TY, N, and the operand numbers that follow the accumulators.
-template <typename T, int N>
+// descriptor (N rows of 16 K-elements, i.e. B^T stored row-major). kTransA / kTransB: that operand is
+// MN-major instead (A: 16 rows of K, 64 M-elements each; B: as in wgmma_rs), transposed on the way in.
+// The instruction is written once, as a macro of the element type's PTX name TY, N, and the operand
+// numbers that follow the accumulators.
+template <typename T, int N, bool kTransA = false, bool kTransB = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   static_assert(N == 64 || N == 128, "wgmma N of 64 or 128");
-#define FLASH_WGMMA_SS(TY, NS, REGS, OUTS, A, B, P)                                              \
+#define FLASH_WGMMA_SS(TY, NS, REGS, OUTS, A, B, P, TA, TB)                                      \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                      \
                "wgmma.mma_async.sync.aligned.m64n" NS "k16.f32." TY "." TY " " REGS ", " A ", " B \
-               ", p, 1, 1, 0, 0;\n}\n"                                                           \
+               ", p, 1, 1, " TA ", " TB ";\n}\n"                                                 \
                : OUTS(d)                                                                         \
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)))
   constexpr bool kBf16 = WgmmaType<T>::kBf16;
   if constexpr (N == 64 && kBf16) {
-    FLASH_WGMMA_SS("bf16", "64", FLASH_WGMMA_REGS_N64, FLASH_WGMMA_OUT_N64, "%32", "%33", "%34");
+    FLASH_WGMMA_SS("bf16", "64", FLASH_WGMMA_REGS_N64, FLASH_WGMMA_OUT_N64, "%32", "%33", "%34", "%35", "%36");
   } else if constexpr (N == 64) {
-    FLASH_WGMMA_SS("f16", "64", FLASH_WGMMA_REGS_N64, FLASH_WGMMA_OUT_N64, "%32", "%33", "%34");
+    FLASH_WGMMA_SS("f16", "64", FLASH_WGMMA_REGS_N64, FLASH_WGMMA_OUT_N64, "%32", "%33", "%34", "%35", "%36");
   } else if constexpr (kBf16) {
-    FLASH_WGMMA_SS("bf16", "128", FLASH_WGMMA_REGS_N128, FLASH_WGMMA_OUT_N128, "%64", "%65", "%66");
+    FLASH_WGMMA_SS("bf16", "128", FLASH_WGMMA_REGS_N128, FLASH_WGMMA_OUT_N128, "%64", "%65", "%66", "%67",
+                   "%68");
   } else {
-    FLASH_WGMMA_SS("f16", "128", FLASH_WGMMA_REGS_N128, FLASH_WGMMA_OUT_N128, "%64", "%65", "%66");
+    FLASH_WGMMA_SS("f16", "128", FLASH_WGMMA_REGS_N128, FLASH_WGMMA_OUT_N128, "%64", "%65", "%66", "%67",
+                   "%68");
   }
 #undef FLASH_WGMMA_SS
 }

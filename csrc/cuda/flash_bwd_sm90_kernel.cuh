@@ -1,0 +1,320 @@
+// Hopper backward (sm_90a): the backward of flash_bwd_kernel.cuh with its five matrix products on warpgroup
+// MMAs (wgmma.cuh), and its launcher run_bwd_sm90. Head dims 64 and 128; FLASH_ATTN_BWD_WGMMA=1 selects it.
+//
+// One block: kBlockN = 128 keys of one (batch, query head), two warpgroups of 64 keys each. K and V stay in
+// shared memory, dK and dV in fp32 registers; the block loops over the 64-query tiles that can see its keys
+// (Q, dO, lse and softmax_d double-buffered by cp.async). Per query tile and warpgroup (64 keys x 64 queries):
+//   S^T  = K Q^T, dP^T = V dO^T             wgmma, all operands K-major in swizzled shared memory;
+//   P^T  = exp2(S^T * scale_log2 - lse * log2e), 0 where masked; dS^T = P^T o (dP^T - softmax_d);
+//   dV  += P^T dO, dK += dS^T Q             wgmma with A = P^T / dS^T from registers, B = dO / Q MN-major;
+//   dS^T (bf16 / fp16) to shared memory, then, after a block barrier,
+//   dQ   = dS K                             wgmma with both operands MN-major (transposed on the way in):
+//          D = 128: each warpgroup 64 of the 128 columns over all 128 keys; D = 64: each warpgroup all
+//          columns over its own 64 keys (both add into dq_accum);
+//   dQ  -> atomicAdd into dq_accum (fp32, row-major; scaled and rounded by bwd_convert_dq_kernel).
+// Masks as in flash_bwd_kernel.cuh. Everything within a tile is issued, then waited for (no overlap of the
+// softmax with the MMAs yet). Compiled to a trap for other targets.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "flash_bwd_preprocess.cuh"
+#include "flash_bwd_utils.cuh"
+#include "flash_fwd_common.cuh"
+#include "flash_launch.h"
+#include "flash_params.h"
+#include "flash_utils.cuh"
+#include "wgmma.cuh"
+
+namespace flash {
+
+// Tiles and shared memory of the Hopper backward (all tiles 128-byte swizzled, 1024-byte aligned):
+//   sK, sV [kBlockN x D]; sQ, sdO [2][kBlockM x D]; sdS [kBlockN x kBlockM] (rows = keys);
+//   lse, softmax_d [2][kBlockM] floats.
+template <int kHeadDim_>
+struct BwdSm90Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 128;  // keys per block
+  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kNThreads = kBlockN / 64 * 128;
+  static constexpr int kNFragsS = kBlockM / 8;    // n8 fragments of S^T per thread
+  static constexpr int kNFragsKV = kHeadDim / 8;  // of dK and dV
+  // dQ: D = 128 splits its columns between the two warpgroups (64 each), D = 64 its keys.
+  static constexpr bool kDqSplitColumns = kHeadDim == 128;
+  static constexpr int kDqCols = kDqSplitColumns ? 64 : kHeadDim;
+  static constexpr int kDqKSteps = (kDqSplitColumns ? kBlockN : 64) / 16;
+
+  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kTileKVBytes;
+  static constexpr int kOffQ = kOffV + kTileKVBytes;
+  static constexpr int kOffdO = kOffQ + 2 * kTileQBytes;
+  static constexpr int kOffdS = kOffdO + 2 * kTileQBytes;
+  static constexpr int kOffLse = kOffdS + kBlockN * kBlockM * 2;
+  static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;
+  static constexpr int kSmemBytes = kOffDsum + 2 * kBlockM * 4;
+
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
+  static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
+                "swizzled tiles start on 1024-byte boundaries");
+};
+
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(const BwdParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using ET = ElemTraits<T>;
+  using namespace sm90;
+  using fwd_detail::pack_p;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int NF = Traits::kNFragsS;
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr uint32_t kSbo = 8 * 128;            // 8 rows of 128 bytes
+  constexpr uint32_t kKVBlock = kBlockN * 128;  // next 64 columns of a K / V tile
+  constexpr uint32_t kQBlock = kBlockM * 128;   // next 64 columns of a Q / dO tile
+
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wg = warp / 4;     // warpgroup: keys [64 wg, 64 wg + 64) of the block
+  const int wwarp = warp % 4;  // warp in the warpgroup: its rows 16 wwarp .. 16 wwarp + 15
+  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int Nq = params.len_q, Nk = params.len_k, Hq = params.heads_q;
+  const int hk = h / params.group;
+  const bool causal = params.is_causal;
+
+  int L = Nk;
+  if (params.seqlens_k != nullptr) L = min(max(params.seqlens_k[b], 0), Nk);
+  const int n0 = n_block * kBlockN;
+  const int diag = L - Nq;  // causal: query i sees key j iff j <= i + diag
+
+  // The query tiles that can see some key of this block.
+  int m_begin = 0, m_end = (Nq + kBlockM - 1) / kBlockM;
+  if (n0 >= L) {
+    m_end = 0;
+  } else if (causal) {
+    const int i_first = n0 - diag;  // first query that sees key n0
+    if (i_first >= Nq) m_end = 0;
+    else m_begin = max(i_first, 0) / kBlockM;
+  }
+
+  // This thread's keys (accumulator rows g and g + 8 of S^T, dK, dV) and their visibility.
+  const int j0 = n0 + wg * 64 + wwarp * 16 + g, j1 = j0 + 8;
+  bool vis0 = j0 < L, vis1 = j1 < L;
+  if (params.key_padding_mask != nullptr) {
+    const bool* kpm = params.key_padding_mask + b * params.key_padding_mask_batch_stride;
+    if (vis0) vis0 = !kpm[j0];
+    if (vis1) vis1 = !kpm[j1];
+  }
+
+  const T* gq = static_cast<const T*>(params.q) + b * params.q_stride.batch + h * params.q_stride.head;
+  const T* gk = static_cast<const T*>(params.k) + b * params.k_stride.batch + hk * params.k_stride.head;
+  const T* gv = static_cast<const T*>(params.v) + b * params.v_stride.batch + hk * params.v_stride.head;
+  const T* gdo =
+      static_cast<const T*>(params.dout) + b * params.dout_stride.batch + h * params.dout_stride.head;
+  const int64_t bh = int64_t(b) * Hq + h;
+  const float* glse = params.lse_saved + bh * Nq;
+  const float* gdsum = params.softmax_d + bh * Nq;
+  float* gdq = params.dq_accum + bh * params.dq_accum_rows * D;
+
+  const uint32_t s0 = smem_u32(smem);
+  const uint32_t sK = s0 + Traits::kOffK, sV = s0 + Traits::kOffV, sdS = s0 + Traits::kOffdS;
+  const float* sLse = reinterpret_cast<const float*>(smem + Traits::kOffLse);
+  const float* sDsum = reinterpret_cast<const float*>(smem + Traits::kOffDsum);
+
+  // Q, dO, lse and softmax_d of query tile m into buffer buf (rows past Nq zero-filled).
+  auto load_query_tile = [&](int m, int buf) {
+    const int m0 = m * kBlockM;
+    load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffQ + buf * Traits::kTileQBytes, gq, params.q_stride.row, m0,
+                                     Nq - m0, tid, params.q);
+    load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffdO + buf * Traits::kTileQBytes, gdo, params.dout_stride.row,
+                                     m0, Nq - m0, tid, params.dout);
+    if (tid < kBlockM) {
+      const bool ok = m0 + tid < Nq;
+      cp_async_4(s0 + Traits::kOffLse + (buf * kBlockM + tid) * 4, ok ? glse + m0 + tid : glse, ok);
+      cp_async_4(s0 + Traits::kOffDsum + (buf * kBlockM + tid) * 4, ok ? gdsum + m0 + tid : gdsum, ok);
+    }
+  };
+
+  load_tile<kBlockN, D, kNThreads>(sK, gk, params.k_stride.row, n0, Nk - n0, tid, params.k);
+  load_tile<kBlockN, D, kNThreads>(sV, gv, params.v_stride.row, n0, Nk - n0, tid, params.v);
+  if (m_begin < m_end) load_query_tile(m_begin, 0);
+  cp_async_commit();
+
+  float dk[Traits::kNFragsKV][4], dv[Traits::kNFragsKV][4];
+#pragma unroll
+  for (int j = 0; j < Traits::kNFragsKV; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+
+  // This warpgroup's 64 rows of K and V (first column block; the next ones follow at kKVBlock).
+  const uint32_t k_wg = sK + wg * 64 * 128, v_wg = sV + wg * 64 * 128;
+
+  for (int m = m_begin; m < m_end; ++m) {
+    const int buf = (m - m_begin) & 1;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    // Tile m landed everywhere; every warpgroup is done with buffer buf ^ 1 and with sdS.
+    __syncthreads();
+    if (m + 1 < m_end) load_query_tile(m + 1, buf ^ 1);
+    cp_async_commit();
+
+    const int m0 = m * kBlockM;
+    const uint32_t sQ = s0 + Traits::kOffQ + buf * Traits::kTileQBytes;
+    const uint32_t sdO = s0 + Traits::kOffdO + buf * Traits::kTileQBytes;
+
+    // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup).
+    float s[1][NF][4], dp[1][NF][4];
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][j][e] = dp[0][j][e] = 0.f;
+    fence_accumulator(s[0]);
+    fence_accumulator(dp[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk / 4) * kKVBlock + (kk % 4) * 32, q_off = (kk / 4) * kQBlock + (kk % 4) * 32;
+      wgmma_ss<T, kBlockM>(s[0], make_desc(k_wg + off, 16, kSbo), make_desc(sQ + q_off, 16, kSbo), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk / 4) * kKVBlock + (kk % 4) * 32, q_off = (kk / 4) * kQBlock + (kk % 4) * 32;
+      wgmma_ss<T, kBlockM>(dp[0], make_desc(v_wg + off, 16, kSbo), make_desc(sdO + q_off, 16, kSbo), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulator(s[0]);
+    fence_accumulator(dp[0]);
+
+    // P^T in place of S^T, dS^T in place of dP^T. Columns need masking only on a partial last tile or
+    // across the causal diagonal.
+    const float* lse = sLse + buf * kBlockM;
+    const float* dsum = sDsum + buf * kBlockM;
+    const bool col_mask = (m0 + kBlockM > Nq) || (causal && m0 + diag < n0 + kBlockN - 1);
+#pragma unroll
+    for (int j = 0; j < NF; ++j) {
+      const int c = j * 8 + 2 * t;  // queries c, c + 1 of the tile
+      const float2 l = *reinterpret_cast<const float2*>(lse + c);
+      const float2 dd = *reinterpret_cast<const float2*>(dsum + c);
+      const float nl0 = -l.x * kLog2e, nl1 = -l.y * kLog2e;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = fast_exp2(fmaf(s[0][j][e], params.scale_log2, (e & 1) ? nl1 : nl0));
+        if (!(e < 2 ? vis0 : vis1)) p = 0.f;
+        if (col_mask) {
+          const int i = m0 + c + (e & 1), key = e < 2 ? j0 : j1;
+          if (i >= Nq || (causal && key > i + diag)) p = 0.f;
+        }
+        s[0][j][e] = p;
+        dp[0][j][e] = p * (dp[0][j][e] - ((e & 1) ? dd.y : dd.x));
+      }
+    }
+    uint32_t p_frag[1][NF][2], ds_frag[1][NF][2];
+    pack_p<ET>(s, p_frag);
+    pack_p<ET>(dp, ds_frag);
+
+    // dV += P^T dO and dK += dS^T Q: A from registers (k-step kk = queries 16 kk ..), B MN-major.
+    fence_accumulator(dv);
+    fence_accumulator(dk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      const uint32_t pa[4] = {p_frag[0][2 * kk][0], p_frag[0][2 * kk][1], p_frag[0][2 * kk + 1][0],
+                              p_frag[0][2 * kk + 1][1]};
+      wgmma_rs<T, D>(dv, pa, make_desc(sdO + kk * 16 * 128, kQBlock, kSbo), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      const uint32_t da[4] = {ds_frag[0][2 * kk][0], ds_frag[0][2 * kk][1], ds_frag[0][2 * kk + 1][0],
+                              ds_frag[0][2 * kk + 1][1]};
+      wgmma_rs<T, D>(dk, da, make_desc(sQ + kk * 16 * 128, kQBlock, kSbo), 1);
+    }
+    wgmma_commit();
+
+    // dS^T to shared memory: row = key in the block, 16-byte chunk j = queries 8 j .. 8 j + 7.
+    const int row = wg * 64 + wwarp * 16 + g;
+#pragma unroll
+    for (int j = 0; j < NF; ++j) {
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffdS + swizzled_offset(row, j, kBlockN) + 4 * t) =
+          ds_frag[0][j][0];
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffdS + swizzled_offset(row + 8, j, kBlockN) + 4 * t) =
+          ds_frag[0][j][1];
+    }
+    fence_proxy_async();
+    __syncthreads();  // dS^T of both warpgroups stored
+
+    // dQ = dS K: A = dS^T (rows = keys, MN-major), B = K (rows = keys, MN-major).
+    float dq[Traits::kDqCols / 8][4];
+#pragma unroll
+    for (int j = 0; j < Traits::kDqCols / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+    fence_accumulator(dq);
+    wgmma_fence();
+    const int key_base = Traits::kDqSplitColumns ? 0 : wg * 64;
+    const uint32_t k_cols = Traits::kDqSplitColumns ? sK + wg * kKVBlock : sK;
+#pragma unroll
+    for (int kk = 0; kk < Traits::kDqKSteps; ++kk) {
+      const uint32_t rows = (key_base + kk * 16) * 128;
+      wgmma_ss<T, Traits::kDqCols, true, true>(dq, make_desc(sdS + rows, kBlockN * 128, kSbo),
+                                                make_desc(k_cols + rows, kKVBlock, kSbo), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();  // dV, dK and dQ
+    fence_accumulator(dv);
+    fence_accumulator(dk);
+    fence_accumulator(dq);
+    fence_operand(p_frag[0]);
+    fence_operand(ds_frag[0]);
+
+    // dQ rows (queries) 16 wwarp + g and + 8 of this warp; rows past Nq exist in dq_accum and add zeros.
+    float* gdq_r = gdq + int64_t(m0 + wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
+#pragma unroll
+    for (int j = 0; j < Traits::kDqCols / 8; ++j) {
+      atomic_add_f2(gdq_r + j * 8, dq[j][0], dq[j][1]);
+      atomic_add_f2(gdq_r + 8 * D + j * 8, dq[j][2], dq[j][3]);
+    }
+  }
+
+  cp_async_wait<0>();  // a block without query tiles still has its K / V copies in flight
+  // dK (times scale) and dV of this thread's keys; keys past Nk are not written.
+  T* gdk = static_cast<T*>(params.dk) + bh * Nk * D;
+  T* gdv = static_cast<T*>(params.dv) + bh * Nk * D;
+#pragma unroll
+  for (int j = 0; j < Traits::kNFragsKV; ++j) {
+    const int c = j * 8 + 2 * t;
+    if (j0 < Nk) {
+      *reinterpret_cast<uint32_t*>(gdk + int64_t(j0) * D + c) =
+          ET::pack(dk[j][0] * params.scale, dk[j][1] * params.scale);
+      *reinterpret_cast<uint32_t*>(gdv + int64_t(j0) * D + c) = ET::pack(dv[j][0], dv[j][1]);
+    }
+    if (j1 < Nk) {
+      *reinterpret_cast<uint32_t*>(gdk + int64_t(j1) * D + c) =
+          ET::pack(dk[j][2] * params.scale, dk[j][3] * params.scale);
+      *reinterpret_cast<uint32_t*>(gdv + int64_t(j1) * D + c) = ET::pack(dv[j][2], dv[j][3]);
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_90a only; never launched on other devices (see the API layer)
+#endif
+}
+
+// dK, dV and dq_accum on wgmma, then dq from dq_accum (row-major). softmax_d is computed before (run_bwd).
+template <typename T, int kHeadDim>
+void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  using Traits = BwdSm90Traits<kHeadDim>;
+  auto kernel = flash_bwd_sm90_kernel<Traits, T>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  const dim3 grid((params.len_k + Traits::kBlockN - 1) / Traits::kBlockN, params.heads_q, params.batch);
+  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+  const int64_t n4 = int64_t(params.batch) * params.heads_q * params.len_q * kHeadDim / 4;
+  bwd_convert_dq_kernel<T, false><<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
+}
+
+}  // namespace flash
