@@ -129,38 +129,47 @@ if [[ " $stages " == *" model "* ]]; then
   python3 scripts/collect_metrics.py /tmp/model_level --out "$OUT/model_level" >> "$summary" 2>&1
 fi
 if [[ " $stages " == *" fwdtiles "* ]]; then
-  # Forward tile candidates, each built for sm_90a in its own copy of the tree (in parallel), then timed
-  # against SDPA flash one after another. FWD_TILE_KERNEL=sm80 (default): the mma.sync kernel's D = 64
-  # candidates (FwdVariant<64, v> in csrc/cuda/kernel_traits.h); sm90: the wgmma kernel's candidates for
-  # D = 64 and 128 (FwdSm90Variant<D, v>; candidate v for both head dims). FWD_VARIANTS="..." picks them.
-  if [ "${FWD_TILE_KERNEL:-sm80}" = sm90 ]; then
-    macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; wgmma=1; dims=64,128
+  # Kernel candidates, each built for sm_90a in its own copy of the tree (in parallel), then timed against
+  # SDPA flash one after another. FWD_TILE_KERNEL=sm80 (default): the mma.sync forward's D = 64 candidates
+  # (FwdVariant<64, v> in csrc/cuda/kernel_traits.h); sm90: the wgmma forward's candidates for D = 64 and 128
+  # (FwdSm90Variant<D, v>; candidate v for both head dims); sm90bwd: the wgmma backward's (BwdSm90Traits<D, v>
+  # in csrc/cuda/flash_bwd_sm90_kernel.cuh, timed fwd+bwd with FLASH_ATTN_BWD_WGMMA=1). FWD_VARIANTS="..."
+  # picks them; FWD_TILE_TESTS=1 runs each tree's tests of that kernel too.
+  kind=${FWD_TILE_KERNEL:-sm80}; header=csrc/cuda/kernel_traits.h; env="FLASH_ATTN_FWD_WGMMA=0"
+  bench_args="--seqlens 1024,4096,8192,16384 --fwd-only"; column=fwd
+  tests="one_pass_forward_kernels or hopper_forward or small_grids"
+  if [ "$kind" = sm90 ]; then
+    macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; env="FLASH_ATTN_FWD_WGMMA=1"; dims=64,128
     default_variants="15 8"
+  elif [ "$kind" = sm90bwd ]; then
+    macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh
+    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="2 1 0"
+    bench_args="--seqlens 1024,4096,16384"; column=fwd_bwd; tests="hopper_backward or backward_switch"
   else
-    macros="FLASH_FWD_VARIANT_HDIM64"; wgmma=0; dims=64; default_variants="0 1 2"
+    macros="FLASH_FWD_VARIANT_HDIM64"; dims=64; default_variants="0 1 2"
   fi
   for v in ${FWD_VARIANTS:-$default_variants}; do
     dir=/tmp/fwd_variant_$v; rm -rf "$dir"; mkdir -p "$dir"
     tar --exclude=./build --exclude='*.so' --exclude=./.whl -cf - . | tar -xf - -C "$dir"
-    for m in $macros; do sed -i "s/#define $m [0-9]*$/#define $m $v/" "$dir/csrc/cuda/kernel_traits.h"; done
+    for m in $macros; do sed -i "s/#define $m [0-9]*$/#define $m $v/" "$dir/$header"; done
     ( cd "$dir" && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=6 python3 setup.py build_ext --inplace > build.log 2>&1 \
         || { echo "build failed"; grep -E "error" build.log | head -20; } ) &
   done
   wait
   for v in ${FWD_VARIANTS:-$default_variants}; do
     dir=/tmp/fwd_variant_$v
-    ( cd "$dir" && FLASH_ATTN_FWD_WGMMA=$wgmma PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py \
-        --head-dims $dims --seqlens 1024,4096,8192,16384 --fwd-only ) > "$OUT/fwd_variant_$v.log" 2>&1
-    note "forward ${FWD_TILE_KERNEL:-sm80} variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
-    if [ "${FWD_TILE_TESTS:-0}" = 1 ]; then  # the one-pass test matrix and the Hopper layout tests with this variant
+    ( cd "$dir" && env $env PYTHONPATH=$dir:$PYTHONPATH timeout 120 python3 scripts/bench_flash_cuda.py \
+        --head-dims $dims $bench_args ) > "$OUT/fwd_variant_$v.log" 2>&1
+    note "$kind variant $v: rc=$?"; grep -E "^\|" "$OUT/fwd_variant_$v.log" >> "$summary"
+    if [ "${FWD_TILE_TESTS:-0}" = 1 ]; then
       ( cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH timeout 200 python3 -m pytest -q -p no:cacheprovider \
-          tests/test_flash_cuda.py -k "one_pass_forward_kernels or hopper_forward or small_grids" ) > "$OUT/fwd_variant_${v}_tests.log" 2>&1
+          tests/test_flash_cuda.py -k "$tests" ) > "$OUT/fwd_variant_${v}_tests.log" 2>&1
       note "  tests of variant $v: $(tail -1 "$OUT/fwd_variant_${v}_tests.log")"
     fi
   done
   # All candidates side by side, relative to the last one named (the default comes last in the lists above).
   last_variant=$(echo ${FWD_VARIANTS:-$default_variants} | awk '{print $NF}')
-  python3 scripts/compare_fwd_variants.py "$OUT" --base "$last_variant" >> "$summary" 2>&1
+  python3 scripts/compare_fwd_variants.py "$OUT" --base "$last_variant" --column $column >> "$summary" 2>&1
   tail -4 "$summary"
 fi
 if [[ " $stages " == *" errsweep "* ]]; then

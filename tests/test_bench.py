@@ -182,3 +182,16 @@ def test_compare_fwd_variants_lines_up_candidates(tmp_path, monkeypatch, capsys,
     assert "| 128 | 1024 | 1 | - | 300 (1.20x, -) |" in out
     assert "v9 / v8, D = 64: 1.10-1.10" in out
     assert "D = 128:" not in out
+
+
+def test_compare_fwd_variants_reads_the_fwd_bwd_column(tmp_path, monkeypatch, capsys, load_script):
+    row = "| 128 | 4096 | 0 | {fwd} | 338 | 1.66 | {fb} | 306 | {ratio} | 387/514 | 1e-3 |\n"
+    (tmp_path / "fwd_variant_0.log").write_text(row.format(fwd=561, fb=352, ratio=1.15))
+    (tmp_path / "fwd_variant_1.log").write_text(row.format(fwd=556, fb=393, ratio=1.28))
+    monkeypatch.setattr(
+        sys, "argv", ["compare_fwd_variants.py", str(tmp_path), "--base", "0", "--column", "fwd_bwd"]
+    )
+    load_script("compare_fwd_variants").main()
+    out = capsys.readouterr().out
+    assert "| 128 | 4096 | 0 | 352 (1.15x, 1.00) | 393 (1.28x, 1.12) |" in out
+    assert "v1 / v0, D = 128: 1.12-1.12" in out

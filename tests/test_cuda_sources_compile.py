@@ -75,15 +75,24 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
     assert not failures, "\n\n".join(failures)
 
 
-# The forward's tile candidates (kernel_traits.h), which `bash scripts/gpu_check.sh fwdtiles` builds one at a
-# time: every non-default one compiles for sm_90a (the defaults are in the build above).
+# The kernel candidates (kernel_traits.h, flash_bwd_sm90_kernel.cuh), which `bash scripts/gpu_check.sh
+# fwdtiles` builds one at a time: every non-default one compiles for sm_90a (the defaults are in the build
+# above).
 SM90_DEFAULT_VARIANT = {64: 8, 128: 15}  # FLASH_FWD_SM90_VARIANT_HDIM64 / _HDIM128
-FORWARD_VARIANTS = [("flash_fwd_hdim64_bf16", "FLASH_FWD_VARIANT_HDIM64", v) for v in (1, 2)] + [
-    (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v)
-    for d, default in SM90_DEFAULT_VARIANT.items()
-    for v in range(16)
-    if v != default
-]
+KERNEL_CANDIDATES = (
+    [("flash_fwd_hdim64_bf16", "FLASH_FWD_VARIANT_HDIM64", v) for v in (1, 2)]
+    + [
+        (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v)
+        for d, default in SM90_DEFAULT_VARIANT.items()
+        for v in range(16)
+        if v != default
+    ]
+    + [  # the wgmma backward's candidates (flash_bwd_sm90_kernel.cuh; `FWD_TILE_KERNEL=sm90bwd ... fwdtiles`)
+        (f"flash_bwd_sm90_hdim{d}_bf16", f"FLASH_BWD_SM90_VARIANT_HDIM{d}", v)
+        for d in (64, 128)
+        for v in (1, 2)
+    ]
+)
 
 
 def test_sm90_default_variants_are_the_ones_named_here():
@@ -92,7 +101,7 @@ def test_sm90_default_variants_are_the_ones_named_here():
         assert f"#define FLASH_FWD_SM90_VARIANT_HDIM{d} {default}\n" in traits
 
 
-def test_forward_tile_variants_compile_with_nvcc(tmp_path):
+def test_kernel_candidates_compile_with_nvcc(tmp_path):
     nvcc = _nvcc()
     flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DFLASH_WITH_SM90A", *TORCH_NVCC_DEFINES]
     flags += ["-gencode=arch=compute_90a,code=sm_90a"]
@@ -105,7 +114,7 @@ def test_forward_tile_variants_compile_with_nvcc(tmp_path):
         return f"{stem} {macro}={variant}", subprocess.run(cmd, capture_output=True, text=True, check=False)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(pool.map(compile_one, FORWARD_VARIANTS))
+        results = list(pool.map(compile_one, KERNEL_CANDIDATES))
     failures = [f"{name}:\n{res.stderr[-3000:]}" for name, res in results if res.returncode != 0]
     assert not failures, "\n\n".join(failures)
 

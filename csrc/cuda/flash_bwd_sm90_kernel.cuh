@@ -12,8 +12,8 @@
 //          D = 128: each warpgroup 64 of the 128 columns over all 128 keys; D = 64: each warpgroup all
 //          columns over its own 64 keys (both add into dq_accum);
 //   dQ  -> atomicAdd into dq_accum (fp32, row-major; scaled and rounded by bwd_convert_dq_kernel).
-// Masks as in flash_bwd_kernel.cuh. Everything within a tile is issued, then waited for (no overlap of the
-// softmax with the MMAs yet). Compiled to a trap for other targets.
+// Masks as in flash_bwd_kernel.cuh. Candidate 0 issues the products of a tile, then waits for them; 1 and 2
+// overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,11 +31,20 @@
 namespace flash {
 
 // Tiles and shared memory of the Hopper backward (all tiles 128-byte swizzled, 1024-byte aligned):
-//   sK, sV [kBlockN x D]; sQ, sdO [2][kBlockM x D]; sdS [kBlockN x kBlockM] (rows = keys);
+//   sK, sV [kBlockN x D]; sQ, sdO [2][kBlockM x D]; sdS [kdSStages][kBlockN x kBlockM] (rows = keys);
 //   lse, softmax_d [2][kBlockM] floats.
-template <int kHeadDim_>
+// Candidates (kVariant; -DFLASH_BWD_SM90_VARIANT_HDIM64 / _HDIM128 pick them at compile time):
+//   0: every product of a query tile issued, then waited for; two block barriers per tile (measured,
+//      docs/perf.md v15: D = 128 1.12-1.15x the mma.sync backward, D = 64 0.79-0.87x);
+//   1: 0 with S^T and dP^T in two commit groups: P^T is computed while dP^T is in flight (kSplitSdP);
+//   2: 1 with dQ of tile m issued after the products of tile m + 1 (under their softmax), from a second dS^T
+//      stage: one block barrier per tile (kDeferDq; 32 more live registers).
+template <int kHeadDim_, int kVariant_ = 0>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kVariant = kVariant_;
+  static constexpr bool kSplitSdP = kVariant >= 1;
+  static constexpr bool kDeferDq = kVariant >= 2;
   static constexpr int kBlockN = 128;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
   static constexpr int kNThreads = kBlockN / 64 * 128;
@@ -45,22 +54,34 @@ struct BwdSm90Traits {
   static constexpr bool kDqSplitColumns = kHeadDim == 128;
   static constexpr int kDqCols = kDqSplitColumns ? 64 : kHeadDim;
   static constexpr int kDqKSteps = (kDqSplitColumns ? kBlockN : 64) / 16;
+  static constexpr int kdSStages = kDeferDq ? 2 : 1;
 
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kTiledSBytes = kBlockN * kBlockM * 2;
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kTileKVBytes;
   static constexpr int kOffQ = kOffV + kTileKVBytes;
   static constexpr int kOffdO = kOffQ + 2 * kTileQBytes;
   static constexpr int kOffdS = kOffdO + 2 * kTileQBytes;
-  static constexpr int kOffLse = kOffdS + kBlockN * kBlockM * 2;
+  static constexpr int kOffLse = kOffdS + kdSStages * kTiledSBytes;
   static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;
   static constexpr int kSmemBytes = kOffDsum + 2 * kBlockM * 4;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
+  static_assert(kVariant >= 0 && kVariant <= 2, "no wgmma backward variant with this number");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
+#ifndef FLASH_BWD_SM90_VARIANT_HDIM64
+#define FLASH_BWD_SM90_VARIANT_HDIM64 0
+#endif
+#ifndef FLASH_BWD_SM90_VARIANT_HDIM128
+#define FLASH_BWD_SM90_VARIANT_HDIM128 0
+#endif
+template <int kHeadDim>
+using BwdSm90Config =
+    BwdSm90Traits<kHeadDim, kHeadDim == 64 ? FLASH_BWD_SM90_VARIANT_HDIM64 : FLASH_BWD_SM90_VARIANT_HDIM128>;
 
 template <typename Traits, typename T>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(const BwdParams params) {
@@ -84,24 +105,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   const int wg = warp / 4;     // warpgroup: keys [64 wg, 64 wg + 64) of the block
   const int wwarp = warp % 4;  // warp in the warpgroup: its rows 16 wwarp .. 16 wwarp + 15
   const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int Nq = params.len_q, Nk = params.len_k, Hq = params.heads_q;
-  const int hk = h / params.group;
+  const int Nq = params.len_q, Nk = params.len_k;
   const bool causal = params.is_causal;
-
-  int L = Nk;
-  if (params.seqlens_k != nullptr) L = min(max(params.seqlens_k[b], 0), Nk);
   const int n0 = n_block * kBlockN;
-  const int diag = L - Nq;  // causal: query i sees key j iff j <= i + diag
-
-  // The query tiles that can see some key of this block.
-  int m_begin = 0, m_end = (Nq + kBlockM - 1) / kBlockM;
-  if (n0 >= L) {
-    m_end = 0;
-  } else if (causal) {
-    const int i_first = n0 - diag;  // first query that sees key n0
-    if (i_first >= Nq) m_end = 0;
-    else m_begin = max(i_first, 0) / kBlockM;
-  }
+  const BwdBlock<T, kBlockM, D> blk(params, b, h, n0);
+  const int L = blk.L;
+  const int diag = blk.diag;  // causal: query i sees key j iff j <= i + diag
+  const int m_begin = blk.m_begin, m_end = blk.m_end;  // the query tiles that can see some key of this block
 
   // This thread's keys (accumulator rows g and g + 8 of S^T, dK, dV) and their visibility.
   const int j0 = n0 + wg * 64 + wwarp * 16 + g, j1 = j0 + 8;
@@ -112,15 +122,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
     if (vis1) vis1 = !kpm[j1];
   }
 
-  const T* gq = static_cast<const T*>(params.q) + b * params.q_stride.batch + h * params.q_stride.head;
-  const T* gk = static_cast<const T*>(params.k) + b * params.k_stride.batch + hk * params.k_stride.head;
-  const T* gv = static_cast<const T*>(params.v) + b * params.v_stride.batch + hk * params.v_stride.head;
-  const T* gdo =
-      static_cast<const T*>(params.dout) + b * params.dout_stride.batch + h * params.dout_stride.head;
-  const int64_t bh = int64_t(b) * Hq + h;
-  const float* glse = params.lse_saved + bh * Nq;
-  const float* gdsum = params.softmax_d + bh * Nq;
-  float* gdq = params.dq_accum + bh * params.dq_accum_rows * D;
+  const T *gq = blk.q, *gk = blk.k, *gv = blk.v, *gdo = blk.dout;
+  const int64_t bh = blk.bh;
+  const float* glse = blk.lse;
+  const float* gdsum = blk.dsum;
+  float* gdq = blk.dq_accum;
 
   const uint32_t s0 = smem_u32(smem);
   const uint32_t sK = s0 + Traits::kOffK, sV = s0 + Traits::kOffV, sdS = s0 + Traits::kOffdS;
@@ -155,11 +161,56 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   // This warpgroup's 64 rows of K and V (first column block; the next ones follow at kKVBlock).
   const uint32_t k_wg = sK + wg * 64 * 128, v_wg = sV + wg * 64 * 128;
 
+  // dQ = dS K of the query tile whose dS^T is in stage st: A = dS^T (rows = keys, MN-major), B = K (rows =
+  // keys, MN-major). Issued, not committed.
+  using DqAcc = float[Traits::kDqCols / 8][4];
+  // kDeferDq: the first k-step ignores the accumulator (scale-d 0) instead of zeroing it: registers written
+  // while other products are in flight make ptxas wait for them before the issue.
+  auto issue_dq = [&](DqAcc& dq, int st) {
+    if constexpr (!Traits::kDeferDq) {
+#pragma unroll
+      for (int j = 0; j < Traits::kDqCols / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+    }
+    fence_accumulator(dq);
+    wgmma_fence();
+    const int key_base = Traits::kDqSplitColumns ? 0 : wg * 64;
+    const uint32_t k_cols = Traits::kDqSplitColumns ? sK + wg * kKVBlock : sK;
+    const uint32_t ds_tile = sdS + st * Traits::kTiledSBytes;
+#pragma unroll
+    for (int kk = 0; kk < Traits::kDqKSteps; ++kk) {
+      const uint32_t rows = (key_base + kk * 16) * 128;
+      wgmma_ss<T, Traits::kDqCols, true, true>(dq, make_desc(ds_tile + rows, kBlockN * 128, kSbo),
+                                                make_desc(k_cols + rows, kKVBlock, kSbo),
+                                                Traits::kDeferDq && kk == 0 ? 0 : 1);
+    }
+  };
+  // dQ rows (queries) 16 wwarp + g and + 8 of this warp into dq_accum (its MMA waited for and its registers
+  // fenced by the caller); rows past Nq exist in dq_accum and add zeros.
+  float* const gdq_thread = gdq + int64_t(wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
+  auto add_dq = [&](const DqAcc& dq, int row0) {  // row0: the tile's first query
+    float* gdq_r = gdq_thread + int64_t(row0) * D;
+#pragma unroll
+    for (int j = 0; j < Traits::kDqCols / 8; ++j) {
+      atomic_add_f2(gdq_r + j * 8, dq[j][0], dq[j][1]);
+      atomic_add_f2(gdq_r + 8 * D + j * 8, dq[j][2], dq[j][3]);
+    }
+  };
+  auto ds_stage = [](int m) { return Traits::kDeferDq ? m & 1 : 0; };
+  DqAcc dq_deferred;  // kDeferDq: dQ of the previous tile, in flight across the next tile's softmax
+  if constexpr (Traits::kDeferDq) {
+    // The stage the first tile's (dropped) dQ reads: zeros, published by the first tile's barrier.
+    uint4* stage = reinterpret_cast<uint4*>(smem + Traits::kOffdS + ds_stage(m_begin - 1) * Traits::kTiledSBytes);
+    for (int i = tid; i < Traits::kTiledSBytes / 16; i += kNThreads) stage[i] = make_uint4(0, 0, 0, 0);
+  }
+
   for (int m = m_begin; m < m_end; ++m) {
     const int buf = (m - m_begin) & 1;
     cp_async_wait<0>();
     fence_proxy_async();
-    // Tile m landed everywhere; every warpgroup is done with buffer buf ^ 1 and with sdS.
+    // Tile m landed everywhere; every warpgroup is done with buffer buf ^ 1 and with the dS^T stage of
+    // tile m (kDeferDq: and has stored the dS^T of tile m - 1).
     __syncthreads();
     if (m + 1 < m_end) load_query_tile(m + 1, buf ^ 1);
     cp_async_commit();
@@ -168,7 +219,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
     const uint32_t sQ = s0 + Traits::kOffQ + buf * Traits::kTileQBytes;
     const uint32_t sdO = s0 + Traits::kOffdO + buf * Traits::kTileQBytes;
 
-    // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup).
+    // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup); kSplitSdP: two commit groups;
+    // kDeferDq: then dQ of tile m - 1.
     float s[1][NF][4], dp[1][NF][4];
 #pragma unroll
     for (int j = 0; j < NF; ++j)
@@ -182,18 +234,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
       const uint32_t off = (kk / 4) * kKVBlock + (kk % 4) * 32, q_off = (kk / 4) * kQBlock + (kk % 4) * 32;
       wgmma_ss<T, kBlockM>(s[0], make_desc(k_wg + off, 16, kSbo), make_desc(sQ + q_off, 16, kSbo), 1);
     }
+    if constexpr (Traits::kSplitSdP) wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t off = (kk / 4) * kKVBlock + (kk % 4) * 32, q_off = (kk / 4) * kQBlock + (kk % 4) * 32;
       wgmma_ss<T, kBlockM>(dp[0], make_desc(v_wg + off, 16, kSbo), make_desc(sdO + q_off, 16, kSbo), 1);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (Traits::kDeferDq) {
+      // Issued on every tile (a wgmma under a branch makes ptxas wait for all of them around it); the first
+      // tile's reads the zeroed stage and is dropped.
+      issue_dq(dq_deferred, ds_stage(m - 1));
+      wgmma_commit();
+    }
+    // Groups still allowed in flight once S^T (then dP^T) has landed.
+    constexpr int kAfterDp = Traits::kDeferDq ? 1 : 0;
+    constexpr int kAfterS = kAfterDp + (Traits::kSplitSdP ? 1 : 0);
+    wgmma_wait<kAfterS>();
     fence_accumulator(s[0]);
-    fence_accumulator(dp[0]);
+    if constexpr (!Traits::kSplitSdP) fence_accumulator(dp[0]);
 
-    // P^T in place of S^T, dS^T in place of dP^T. Columns need masking only on a partial last tile or
-    // across the causal diagonal.
+    // P^T in place of S^T, dS^T in place of dP^T (kSplitSdP: once dP^T has landed, after all of P^T).
+    // Columns need masking only on a partial last tile or across the causal diagonal.
     const float* lse = sLse + buf * kBlockM;
     const float* dsum = sDsum + buf * kBlockM;
     const bool col_mask = (m0 + kBlockM > Nq) || (causal && m0 + diag < n0 + kBlockN - 1);
@@ -212,7 +274,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
           if (i >= Nq || (causal && key > i + diag)) p = 0.f;
         }
         s[0][j][e] = p;
-        dp[0][j][e] = p * (dp[0][j][e] - ((e & 1) ? dd.y : dd.x));
+        if constexpr (!Traits::kSplitSdP) dp[0][j][e] = p * (dp[0][j][e] - ((e & 1) ? dd.y : dd.x));
+      }
+    }
+    if constexpr (Traits::kSplitSdP) {
+      wgmma_wait<kAfterDp>();
+      fence_accumulator(dp[0]);
+#pragma unroll
+      for (int j = 0; j < NF; ++j) {
+        const float2 dd = *reinterpret_cast<const float2*>(dsum + j * 8 + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[0][j][e] = s[0][j][e] * (dp[0][j][e] - ((e & 1) ? dd.y : dd.x));
       }
     }
     uint32_t p_frag[1][NF][2], ds_frag[1][NF][2];
@@ -237,48 +309,47 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
     }
     wgmma_commit();
 
-    // dS^T to shared memory: row = key in the block, 16-byte chunk j = queries 8 j .. 8 j + 7.
+    // dS^T to its stage: row = key in the block, 16-byte chunk j = queries 8 j .. 8 j + 7.
+    const int ds_off = Traits::kOffdS + ds_stage(m) * Traits::kTiledSBytes;
     const int row = wg * 64 + wwarp * 16 + g;
 #pragma unroll
     for (int j = 0; j < NF; ++j) {
-      *reinterpret_cast<uint32_t*>(smem + Traits::kOffdS + swizzled_offset(row, j, kBlockN) + 4 * t) =
-          ds_frag[0][j][0];
-      *reinterpret_cast<uint32_t*>(smem + Traits::kOffdS + swizzled_offset(row + 8, j, kBlockN) + 4 * t) =
+      *reinterpret_cast<uint32_t*>(smem + ds_off + swizzled_offset(row, j, kBlockN) + 4 * t) = ds_frag[0][j][0];
+      *reinterpret_cast<uint32_t*>(smem + ds_off + swizzled_offset(row + 8, j, kBlockN) + 4 * t) =
           ds_frag[0][j][1];
     }
     fence_proxy_async();
-    __syncthreads();  // dS^T of both warpgroups stored
-
-    // dQ = dS K: A = dS^T (rows = keys, MN-major), B = K (rows = keys, MN-major).
-    float dq[Traits::kDqCols / 8][4];
-#pragma unroll
-    for (int j = 0; j < Traits::kDqCols / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
-    fence_accumulator(dq);
-    wgmma_fence();
-    const int key_base = Traits::kDqSplitColumns ? 0 : wg * 64;
-    const uint32_t k_cols = Traits::kDqSplitColumns ? sK + wg * kKVBlock : sK;
-#pragma unroll
-    for (int kk = 0; kk < Traits::kDqKSteps; ++kk) {
-      const uint32_t rows = (key_base + kk * 16) * 128;
-      wgmma_ss<T, Traits::kDqCols, true, true>(dq, make_desc(sdS + rows, kBlockN * 128, kSbo),
-                                                make_desc(k_cols + rows, kKVBlock, kSbo), 1);
+    if constexpr (Traits::kDeferDq) {
+      wgmma_wait<1>();  // dQ of tile m - 1 (dV, dK may still run)
+      fence_accumulator(dq_deferred);
+      if (m > m_begin) add_dq(dq_deferred, m0 - kBlockM);
+      wgmma_wait<0>();
+      fence_accumulator(dv);
+      fence_accumulator(dk);
+      fence_operand(p_frag[0]);
+      fence_operand(ds_frag[0]);
+    } else {
+      __syncthreads();  // dS^T of both warpgroups stored
+      DqAcc dq;
+      issue_dq(dq, 0);
+      wgmma_commit();
+      wgmma_wait<0>();  // dV, dK and dQ
+      fence_accumulator(dv);
+      fence_accumulator(dk);
+      fence_accumulator(dq);
+      fence_operand(p_frag[0]);
+      fence_operand(ds_frag[0]);
+      add_dq(dq, m0);
     }
-    wgmma_commit();
-    wgmma_wait<0>();  // dV, dK and dQ
-    fence_accumulator(dv);
-    fence_accumulator(dk);
-    fence_accumulator(dq);
-    fence_operand(p_frag[0]);
-    fence_operand(ds_frag[0]);
-
-    // dQ rows (queries) 16 wwarp + g and + 8 of this warp; rows past Nq exist in dq_accum and add zeros.
-    float* gdq_r = gdq + int64_t(m0 + wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
-#pragma unroll
-    for (int j = 0; j < Traits::kDqCols / 8; ++j) {
-      atomic_add_f2(gdq_r + j * 8, dq[j][0], dq[j][1]);
-      atomic_add_f2(gdq_r + 8 * D + j * 8, dq[j][2], dq[j][3]);
+  }
+  if constexpr (Traits::kDeferDq) {
+    if (m_begin < m_end) {
+      __syncthreads();  // dS^T of the last tile stored by both warpgroups
+      issue_dq(dq_deferred, ds_stage(m_end - 1));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_accumulator(dq_deferred);
+      add_dq(dq_deferred, (m_end - 1) * kBlockM);
     }
   }
 
@@ -308,7 +379,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
 // dK, dV and dq_accum on wgmma, then dq from dq_accum (row-major). softmax_d is computed before (run_bwd).
 template <typename T, int kHeadDim>
 void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Traits = BwdSm90Traits<kHeadDim>;
+  using Traits = BwdSm90Config<kHeadDim>;
   auto kernel = flash_bwd_sm90_kernel<Traits, T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   const dim3 grid((params.len_k + Traits::kBlockN - 1) / Traits::kBlockN, params.heads_q, params.batch);

@@ -11,9 +11,48 @@
 //   B, kTrans = true:  stored [k][n] (the Y of X * Y), ldmatrix.trans.
 #pragma once
 
+#include "flash_params.h"
 #include "flash_utils.cuh"
 
 namespace flash {
+
+// What the backward block of keys [n0, n0 + block) of (batch b, query head h) works on: the keys of batch b
+// that exist (L: seqlens_k[b] clamped to [0, Nk], else Nk), the causal offset (query i sees key j iff
+// j <= i + diag), the query tiles [m_begin, m_end) of kBlockM rows that can see some key of the block, and
+// the (b, h) slices of the inputs and of the scratch.
+template <typename T, int kBlockM, int kHeadDim>
+struct BwdBlock {
+  int L, diag, m_begin, m_end;
+  const T *q, *k, *v, *dout;
+  const float *lse, *dsum;
+  float* dq_accum;
+  int64_t bh;  // b * Hq + h: the slice of dK, dV (per query head), lse, softmax_d and dq_accum
+
+  __device__ __forceinline__ BwdBlock(const BwdParams& params, int b, int h, int n0) {
+    const int Nq = params.len_q, Nk = params.len_k;
+    L = Nk;
+    if (params.seqlens_k != nullptr) L = min(max(params.seqlens_k[b], 0), Nk);
+    diag = L - Nq;
+    m_begin = 0;
+    m_end = (Nq + kBlockM - 1) / kBlockM;
+    if (n0 >= L) {
+      m_end = 0;
+    } else if (params.is_causal) {
+      const int i_first = n0 - diag;  // first query that sees key n0
+      if (i_first >= Nq) m_end = 0;
+      else m_begin = max(i_first, 0) / kBlockM;
+    }
+    const int hk = h / params.group;
+    q = static_cast<const T*>(params.q) + b * params.q_stride.batch + h * params.q_stride.head;
+    k = static_cast<const T*>(params.k) + b * params.k_stride.batch + hk * params.k_stride.head;
+    v = static_cast<const T*>(params.v) + b * params.v_stride.batch + hk * params.v_stride.head;
+    dout = static_cast<const T*>(params.dout) + b * params.dout_stride.batch + h * params.dout_stride.head;
+    bh = int64_t(b) * params.heads_q + h;
+    lse = params.lse_saved + bh * Nq;
+    dsum = params.softmax_d + bh * Nq;
+    dq_accum = params.dq_accum + bh * params.dq_accum_rows * kHeadDim;
+  }
+};
 
 // 4-byte cp.async; with pred false the destination is zero-filled and nothing is read.
 __device__ __forceinline__ void cp_async_4(uint32_t smem_addr, const void* gmem, bool pred) {
