@@ -17,6 +17,12 @@
 //   With Traits::kTma the K and V tiles come by bulk tensor copies (tma.cuh) that thread 0 issues once
 //   the block barrier says a stage is free, each stage on its own mbarrier; each thread waits for a
 //   tile's barrier right before the MMA that reads it. Q still comes by cp.async.
+//   With Traits::kLastWarpLoads (two warpgroups, TMA) the key loop has no block barrier: the last warp
+//   done with a stage issues the copy of the tile two steps on into it; with Traits::kPingPong the two
+//   warpgroups also take turns issuing their MMAs (named barriers 3 and 4), so that one's softmax runs
+//   under the other's MMAs.
+// run_fwd_sm90 launches the head dim's default tiles (FwdSm90Config<D>::Traits) or, for grids the API
+// layer finds too small for them, its 64-row small-grid tiles (::SmallGridTraits).
 // Compiled to a trap for other targets; run_fwd_sm90 is only called on sm_90 devices of a build that
 // includes sm_90a (FLASH_WITH_SM90A, see flash_fwd_api.cpp).
 #pragma once

@@ -216,7 +216,7 @@ struct FwdSm90Traits {
 //      masking of S ran there) (1.25-1.39x / 1.38-1.67x; x 0.92-0.98 / 1.01-1.11 of 8 in the same call);
 //   10: 9 with the softmax scale folded into the exponential (kFoldScale); needs scale > 0, other scales
 //      run the mma.sync kernel (1.29-1.46x / 1.47-1.67x; x 0.96-1.02 / 1.05-1.13 of 8): the default at
-//      D = 128 until 15;
+//      D = 128 until 15, since then its small-grid tiles (FwdSm90Config<128>::SmallGridTraits);
 //   11: 10 with O rescaled under S(n) (kLateRescale) (1.31-1.46x / 1.44-1.72x; x 0.95-1.02 / 1.03-1.11);
 //   12: the defaults (8 at D = 64, 10 at D = 128) with the exponentials of every 8th n8 fragment of S on the
 //       FMA pipe (kEmulateExpEvery) (x 0.96-0.98 / 1.03-1.10 of 8 in one call: slower than 8 at D = 64, no
