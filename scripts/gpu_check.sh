@@ -140,7 +140,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   tests="one_pass_forward_kernels or hopper_forward or small_grids"
   if [ "$kind" = sm90 ]; then
     macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; env="FLASH_ATTN_FWD_WGMMA=1"; dims=64,128
-    default_variants="15 8"
+    default_variants="16 8"
   elif [ "$kind" = sm90bwd ]; then
     macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh
     env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="2 1 0"

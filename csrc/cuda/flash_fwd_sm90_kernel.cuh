@@ -63,14 +63,18 @@ __device__ __forceinline__ void warpgroup_barrier(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
 }
 
-// Ping-pong turns of two warpgroups (Traits::kPingPong) on named barriers 3 and 4, 256 threads each: warpgroup
-// wg waits on 3 + wg for its turn, then passes the turn with a non-blocking arrive on the other's barrier.
-// Turns strictly alternate, so a barrier never holds two arrivals of one warpgroup.
+// Ping-pong turns of kNWg warpgroups (Traits::kPingPong) in round robin, on named barriers 1 + kNWg + wg
+// (after the warpgroup barriers 1 .. kNWg), 256 threads each: warpgroup wg waits on its barrier for its turn,
+// then passes the turn with a non-blocking arrive on the next one's. Turns go round in order, so a barrier
+// never holds two arrivals of one warpgroup.
+template <int kNWg>
 __device__ __forceinline__ void wait_turn(int wg) {
-  asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory");
+  asm volatile("bar.sync %0, 256;\n" ::"r"(1 + kNWg + wg) : "memory");
 }
+template <int kNWg>
 __device__ __forceinline__ void pass_turn(int wg) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory");
+  const int next = kNWg == 2 ? 1 - wg : (wg + 1 == kNWg ? 0 : wg + 1);
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + kNWg + next) : "memory");
 }
 
 }  // namespace sm90
@@ -329,10 +333,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha, params.scale_log2);
     pack_p<ET>(acc_s, p_frag);
 
-    // kPingPong: the MMAs of each iteration are issued in turns, warpgroup 0 first; warpgroup 1 does not
-    // pass the turn after its last iteration, so every arrive meets a wait.
+    // kPingPong: the MMAs of each iteration are issued in turns, warpgroup 0 first; the last warpgroup does
+    // not pass the turn after its last iteration, so every arrive meets a wait.
+    constexpr int kNWg = Traits::kBlockM / 64;
     if constexpr (Traits::kPingPong) {
-      if (wg == 1 && n_last > 0) pass_turn(wg);
+      if (wg == kNWg - 1 && n_last > 0) pass_turn<kNWg>(wg);
     }
     for (int n = n_last - 1; n >= 0; --n) {
       if (kHasKpm) {
@@ -343,13 +348,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       wait_k(n);
       if constexpr (Traits::kPingPong) {
         wait_v(n + 1);  // the tiles first: a turn is not held while a copy lands
-        wait_turn(wg);
+        wait_turn<kNWg>(wg);
       }
       issue_qk(n);
       if constexpr (!Traits::kPingPong) wait_v(n + 1);
       issue_pv(n + 1);
       if constexpr (Traits::kPingPong) {
-        if (wg == 0 || n > 0) pass_turn(wg);
+        const bool last_wg = kNWg == 2 ? wg != 0 : wg == kNWg - 1;
+        if (!last_wg || n > 0) pass_turn<kNWg>(wg);
       }
       wgmma_wait<1>();  // S(n)
       fence_accumulator(acc_s[0]);

@@ -149,8 +149,9 @@ struct FwdSm90Traits {
   // kPingPong (with kLastWarpLoads): the two warpgroups take turns issuing their MMAs (two named barriers
   // pass the turn), so that one warpgroup's softmax runs while the other's MMAs hold the tensor cores.
   static constexpr bool kPingPong = kPingPong_;
-  // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine).
-  using WithoutTma = FwdSm90Traits<kHeadDim_, kBlockM_, kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
+  // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
+  // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
+  using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
                                    kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_, false, false>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
@@ -187,8 +188,8 @@ struct FwdSm90Traits {
   static_assert(kOverlap || kStagesV == 1, "the serial schedule has one V buffer");
   static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale || kLateRescale || kEmulateExpEvery),
                 "kTma, kPinSoftmax, kFoldScale, kLateRescale and kEmulateExpEvery belong to the overlapped schedule");
-  static_assert(!kLastWarpLoads || (kTma && kOverlap && kStagesV == 2 && kBlockM == 128 && kBlockN == 128),
-                "kLastWarpLoads: two warpgroups, TMA, the overlapped schedule with two V stages, 128-key tiles");
+  static_assert(!kLastWarpLoads || (kTma && kOverlap && kStagesV == 2 && kBlockM >= 128 && kBlockN == 128),
+                "kLastWarpLoads: two or more warpgroups, TMA, the overlapped schedule with two V stages, 128-key tiles");
   static_assert(!kPingPong || kLastWarpLoads, "kPingPong: two warpgroups that do not meet at block barriers");
 };
 
@@ -226,12 +227,14 @@ struct FwdSm90Traits {
 //       (kLastWarpLoads), TMA, 10's softmax; one block per SM (160 KB at D = 128, up to 255 registers)
 //       (x 0.83-0.94 / 0.99-1.07 of 10 in one call);
 //   15: 14 with the two warpgroups taking turns on the MMAs (kPingPong, FA3's ping-pong schedule)
-//       (1.18-1.31x / 1.52-1.79x; x 0.80-1.00 / 1.01-1.07 of 10 in one call): the default at D = 128.
+//       (1.18-1.31x / 1.52-1.79x; x 0.80-1.00 / 1.01-1.07 of 10 in one call): the default at D = 128;
+//   16: 15 with three warpgroups per 192-row block taking turns in round robin, made for D = 64 (163-168
+//       registers without spills there; 308-328 bytes of spills at D = 128) (not yet run on a GPU).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 15, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 16, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
-  static constexpr bool kPingPong = kVariant == 15;
+  static constexpr bool kPingPong = kVariant == 15 || kVariant == 16;
   static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
   // The candidate whose flags 12-15 take over.
   static constexpr int kFlags = kLastWarpLoads ? 10 : (kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant);
@@ -243,7 +246,7 @@ struct FwdSm90Variant {
   static constexpr int kBase = kLastWarpLoads ? 3 : (kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant);
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
-  using Traits = FwdSm90Traits<kHeadDim, kShape == 0 ? 128 : 64, kShape == 2 ? 64 : 128, kOverlap,
+  using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128, kOverlap,
                                kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
                                kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong>;
