@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -56,29 +57,27 @@ def sm90_tiles_part() -> int:
     """The wgmma forward's default tiles (128-row blocks at D = 128), which the small shapes of the attention
     part do not reach: every small grid there takes the 64-row tiles (FLASH_ATTN_FWD_SM90_SMALL_GRID)."""
     calls = 0
-    os.environ["FLASH_ATTN_FWD_SM90_SMALL_GRID"] = "0"
-    for dtype in DTYPES:
-        for shape in SHAPES:
-            for mask_kind in MASKS:
-                run_attention(*make(shape, 128, dtype, mask_kind, seed=calls))
-                calls += 1
-        run_attention(*make((1, 2, 2, 1000, 2049), 128, dtype, "causal", seed=calls))
-        calls += 1
-    del os.environ["FLASH_ATTN_FWD_SM90_SMALL_GRID"]
+    with mock.patch.dict(os.environ, {"FLASH_ATTN_FWD_SM90_SMALL_GRID": "0"}):
+        for dtype in DTYPES:
+            for shape in SHAPES:
+                for mask_kind in MASKS:
+                    run_attention(*make(shape, 128, dtype, mask_kind, seed=calls))
+                    calls += 1
+            run_attention(*make((1, 2, 2, 1000, 2049), 128, dtype, "causal", seed=calls))
+            calls += 1
     return calls
 
 
 def sm90_backward_part() -> int:
     """The Hopper backward (FLASH_ATTN_BWD_WGMMA=1) over the attention part's shapes and masks, D = 64 and 128."""
     calls = 0
-    os.environ["FLASH_ATTN_BWD_WGMMA"] = "1"
-    for dtype in DTYPES:
-        for head_dim in (64, 128):
-            for shape in SHAPES:
-                for mask_kind in MASKS:
-                    run_attention(*make(shape, head_dim, dtype, mask_kind, seed=calls))
-                    calls += 1
-    del os.environ["FLASH_ATTN_BWD_WGMMA"]
+    with mock.patch.dict(os.environ, {"FLASH_ATTN_BWD_WGMMA": "1"}):
+        for dtype in DTYPES:
+            for head_dim in (64, 128):
+                for shape in SHAPES:
+                    for mask_kind in MASKS:
+                        run_attention(*make(shape, head_dim, dtype, mask_kind, seed=calls))
+                        calls += 1
     return calls
 
 
