@@ -139,7 +139,8 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   bench_args="--seqlens 1024,4096,8192,16384 --fwd-only"; column=fwd
   tests="one_pass_forward_kernels or hopper_forward or small_grids"
   if [ "$kind" = sm90 ]; then
-    macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; env="FLASH_ATTN_FWD_WGMMA=1"; dims=64,128
+    macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; dims=64,128
+    env="FLASH_ATTN_FWD_WGMMA=1 FLASH_ATTN_FWD_SM90_LONG_KEYS=0"  # the candidate at every N, not D = 64's long-key tiles
     default_variants="16 8"
   elif [ "$kind" = sm90bwd ]; then
     macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh

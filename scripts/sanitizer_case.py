@@ -54,17 +54,20 @@ def attention_part() -> int:
 
 
 def sm90_tiles_part() -> int:
-    """The wgmma forward's default tiles (128-row blocks at D = 128), which the small shapes of the attention
-    part do not reach: every small grid there takes the 64-row tiles (FLASH_ATTN_FWD_SM90_SMALL_GRID)."""
+    """The wgmma forward's tiles that the small shapes of the attention part do not reach: the default tiles
+    at D = 128 (128-row blocks; every small grid there takes the 64-row tiles, FLASH_ATTN_FWD_SM90_SMALL_GRID)
+    and the long-key tiles at D = 64 (192-row blocks; FLASH_ATTN_FWD_SM90_LONG_KEYS)."""
     calls = 0
-    with mock.patch.dict(os.environ, {"FLASH_ATTN_FWD_SM90_SMALL_GRID": "0"}):
-        for dtype in DTYPES:
-            for shape in SHAPES:
-                for mask_kind in MASKS:
-                    run_attention(*make(shape, 128, dtype, mask_kind, seed=calls))
-                    calls += 1
-            run_attention(*make((1, 2, 2, 1000, 2049), 128, dtype, "causal", seed=calls))
-            calls += 1
+    tiles = {128: {"FLASH_ATTN_FWD_SM90_SMALL_GRID": "0"}, 64: {"FLASH_ATTN_FWD_SM90_LONG_KEYS": "1"}}
+    for head_dim, switches in tiles.items():
+        with mock.patch.dict(os.environ, {"FLASH_ATTN_FWD_SM90_SMALL_GRID": "0", **switches}):
+            for dtype in DTYPES:
+                for shape in SHAPES:
+                    for mask_kind in MASKS:
+                        run_attention(*make(shape, head_dim, dtype, mask_kind, seed=calls))
+                        calls += 1
+                run_attention(*make((1, 2, 2, 1000, 2049), head_dim, dtype, "causal", seed=calls))
+                calls += 1
     return calls
 
 

@@ -113,13 +113,24 @@ def needs_hopper():
 
 
 # The one-pass forward kernels of head dims 64 and 128 on an sm_90 device: mma.sync (FLASH_ATTN_FWD_WGMMA=0),
-# wgmma with the head dim's default tiles and with its small-grid tiles (FLASH_ATTN_FWD_SM90_SMALL_GRID=0 / 1;
-# the same kernel at D = 64), with partial tiles and several key tiles.
+# wgmma with the head dim's default tiles, its small-grid tiles (FLASH_ATTN_FWD_SM90_SMALL_GRID=1; the same
+# kernel at D = 64) and its long-key tiles (FLASH_ATTN_FWD_SM90_LONG_KEYS=1; the same kernel at D = 128), with
+# partial tiles and several key tiles.
 ONE_PASS_KERNELS = {
     "mma.sync": {"FLASH_ATTN_FWD_WGMMA": "0"},
-    "wgmma": {"FLASH_ATTN_FWD_WGMMA": "1", "FLASH_ATTN_FWD_SM90_SMALL_GRID": "0"},
+    "wgmma": {
+        "FLASH_ATTN_FWD_WGMMA": "1",
+        "FLASH_ATTN_FWD_SM90_SMALL_GRID": "0",
+        "FLASH_ATTN_FWD_SM90_LONG_KEYS": "0",
+    },
     "wgmma-small-grid": {"FLASH_ATTN_FWD_WGMMA": "1", "FLASH_ATTN_FWD_SM90_SMALL_GRID": "1"},
+    "wgmma-long-keys": {
+        "FLASH_ATTN_FWD_WGMMA": "1",
+        "FLASH_ATTN_FWD_SM90_SMALL_GRID": "0",
+        "FLASH_ATTN_FWD_SM90_LONG_KEYS": "1",
+    },
 }
+WGMMA_KERNELS = [name for name in ONE_PASS_KERNELS if name.startswith("wgmma")]
 
 
 def use_kernel(monkeypatch, kernel: str) -> None:
@@ -162,7 +173,7 @@ def kv_in_layout(layout: str, batch: int, heads: int, length: int, head_dim: int
     return [rand(batch * length * head_dim).as_strided(size, stride) for _ in "kv"]
 
 
-@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-small-grid"])
+@pytest.mark.parametrize("kernel", WGMMA_KERNELS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mask_kind", ["none", "padding+causal"])
@@ -180,7 +191,7 @@ def test_hopper_forward_layouts(monkeypatch, kernel, layout, head_dim, mask_kind
 # scale that is not positive to the mma.sync kernel). torch's CUDA SDPA backward returns NaN gradients for
 # a scale <= 0 with a mask (torch 2.11, H200, 2026-11-29; its outputs are fine): there our gradients are
 # held to twice SDPA's gradient error at scale 0.3 on the same inputs.
-@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-small-grid"])
+@pytest.mark.parametrize("kernel", WGMMA_KERNELS)
 @pytest.mark.parametrize("scale", [0.3, 0.0, -0.2])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_hopper_forward_scales(monkeypatch, kernel, scale, head_dim):
@@ -191,18 +202,21 @@ def test_hopper_forward_scales(monkeypatch, kernel, scale, head_dim):
     check_against_sdpa(q, k, v, {**kwargs, "scale": scale}, sdpa_grad_kwargs=grad_baseline)
 
 
-# The Hopper (wgmma) backward, FLASH_ATTN_BWD_WGMMA=1 (off by default): gradients of head dims 64 and 128
-# within 2x SDPA's error, with partial key blocks (128 keys) and query tiles (64), several of each.
+# Both backward kernels of head dims 64 and 128 on an sm_90 device, the Hopper (wgmma) one
+# (FLASH_ATTN_BWD_WGMMA=1; the default at D = 128) and the mma.sync one (=0; the default at D = 64):
+# gradients within 2x SDPA's error, with partial key blocks (128 keys) and query tiles (64), several of each.
 HOPPER_BWD_SHAPES = [*SHAPES, (2, 2, 1, 257, 385), (1, 2, 2, 300, 129)]
+BACKWARD_KERNELS = {"wgmma": "1", "mma.sync": "0"}
 
 
+@pytest.mark.parametrize("kernel", list(BACKWARD_KERNELS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("shape", HOPPER_BWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_hopper_backward(monkeypatch, shape, mask_kind, head_dim, dtype, seed):
+def test_hopper_backward(monkeypatch, shape, mask_kind, head_dim, dtype, kernel, seed):
     needs_hopper()
-    monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", "1")
+    monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", BACKWARD_KERNELS[kernel])
     q, k, v, kwargs = make(shape, head_dim, dtype, mask_kind, seed=seed)
     check_against_sdpa(q, k, v, kwargs)
 
@@ -243,14 +257,24 @@ def test_hopper_backward_with_seqlens_k_matches_the_mma_sync_backward(monkeypatc
         assert relative_error(ours, mma) < 1e-2, (name, relative_error(ours, mma))
 
 
-@pytest.mark.parametrize(("flag", "expected"), [(None, False), ("0", False), ("1", True)])
-def test_hopper_backward_runs_where_switched_on(monkeypatch, flag, expected):
+@pytest.mark.parametrize(
+    ("flag", "head_dim", "expected"),
+    [
+        (None, 128, True),
+        (None, 64, False),
+        ("0", 128, False),
+        ("0", 64, False),
+        ("1", 128, True),
+        ("1", 64, True),
+    ],
+)
+def test_hopper_backward_runs_where_switched_on(monkeypatch, flag, head_dim, expected):
     needs_hopper()
     if flag is None:
         monkeypatch.delenv("FLASH_ATTN_BWD_WGMMA", raising=False)
     else:
         monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", flag)
-    q = torch.randn(1, 2, 200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, 2, 200, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, _ = ab.attention(q, q, q, backend="flash", strict=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out.float().sum().backward()
@@ -304,6 +328,32 @@ def test_small_grids_take_the_64_row_tiles(monkeypatch, head_dim):
     monkeypatch.delenv("FLASH_ATTN_FWD_SM90_SMALL_GRID")
     assert sm90_block_rows(small, small, small) == {64}
     assert sm90_block_rows(large, large, large) == default_rows
+
+
+# Long key sequences (8k keys and up) take the long-key tiles (192-row blocks at D = 64, the default tiles at
+# D = 128) where their blocks still fill the SMs; FLASH_ATTN_FWD_SM90_LONG_KEYS=0 / 1 forces either.
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_long_keys_take_the_long_key_tiles(monkeypatch, head_dim):
+    needs_hopper()
+    monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
+    monkeypatch.delenv("FLASH_ATTN_FWD_SM90_SMALL_GRID", raising=False)
+    monkeypatch.delenv("FLASH_ATTN_FWD_SM90_LONG_KEYS", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def rand(heads, length):
+        return torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    q, q_fewer = rand(sms, 192), rand(sms - 1, 192)  # one 192-row block per head
+    long_kv, short_kv = [rand(sms, 8192) for _ in "kv"], [rand(sms, 8191) for _ in "kv"]
+    default_rows = sm90_block_rows(q, *short_kv)
+    long_rows = {192} if head_dim == 64 else default_rows
+    assert default_rows == ({64} if head_dim == 64 else {128})
+    assert sm90_block_rows(q, *long_kv) == long_rows
+    assert sm90_block_rows(q_fewer, *[x[:, 1:] for x in long_kv]) == default_rows  # fewer blocks than SMs
+    monkeypatch.setenv("FLASH_ATTN_FWD_SM90_LONG_KEYS", "0")
+    assert sm90_block_rows(q, *long_kv) == default_rows
+    monkeypatch.setenv("FLASH_ATTN_FWD_SM90_LONG_KEYS", "1")
+    assert sm90_block_rows(q, *short_kv) == long_rows
 
 
 # Candidates 8 and up copy K and V by TMA (FwdSm90Traits' 7th argument, kTma) where the driver maps the

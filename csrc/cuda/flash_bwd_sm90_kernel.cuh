@@ -1,5 +1,5 @@
 // Hopper backward (sm_90a): the backward of flash_bwd_kernel.cuh with its five matrix products on warpgroup
-// MMAs (wgmma.cuh), and its launcher run_bwd_sm90. Head dims 64 and 128; FLASH_ATTN_BWD_WGMMA=1 selects it.
+// MMAs (wgmma.cuh), and its launcher run_bwd_sm90. Head dims 64 and 128; the default at D = 128 (flash_bwd_api.cpp).
 //
 // One block: kBlockN = 128 keys of one (batch, query head), two warpgroups of 64 keys each. K and V stay in
 // shared memory, dK and dV in fp32 registers; the block loops over the 64-query tiles that can see its keys
@@ -35,10 +35,11 @@ namespace flash {
 //   lse, softmax_d [2][kBlockM] floats.
 // Candidates (kVariant; -DFLASH_BWD_SM90_VARIANT_HDIM64 / _HDIM128 pick them at compile time):
 //   0: every product of a query tile issued, then waited for; two block barriers per tile (measured,
-//      docs/perf.md v15: D = 128 1.12-1.15x the mma.sync backward, D = 64 0.79-0.87x);
-//   1: 0 with S^T and dP^T in two commit groups: P^T is computed while dP^T is in flight (kSplitSdP);
+//      docs/perf.md v15: D = 128 1.12-1.15x the mma.sync backward, D = 64 0.79-0.87x): the default;
+//   1: 0 with S^T and dP^T in two commit groups: P^T is computed while dP^T is in flight (kSplitSdP)
+//      (fwd+bwd x 0.99-1.00 / 0.96-0.99 of 0 in one call, v16);
 //   2: 1 with dQ of tile m issued after the products of tile m + 1 (under their softmax), from a second dS^T
-//      stage: one block barrier per tile (kDeferDq; 32 more live registers).
+//      stage: one block barrier per tile (kDeferDq; 32 more live registers) (x 0.99-1.00 / 1.00-1.02 of 0).
 template <int kHeadDim_, int kVariant_ = 0>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;

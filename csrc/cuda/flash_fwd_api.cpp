@@ -190,23 +190,39 @@ int64_t one_pass_blocks(const AttnShape& s, int64_t block_m) {
   return s.batch * s.heads_q * ceil_div(s.len_q, block_m);
 }
 
-// Tiles of the wgmma forward (head dim 64 or 128): its default tiles, or its small-grid tiles (64-row blocks,
-// twice as many) where the default's blocks would cover at most half of the SMs. Measured at D = 128 (H200,
-// 132 SMs; default 128-row blocks, one per SM): 64 blocks ran 11-14 % faster as 128 64-row blocks, 104 blocks
-// 11 % slower (docs/perf.md). FLASH_ATTN_FWD_SM90_SMALL_GRID=1 takes the small-grid tiles for every shape, =0
-// never (tests and benchmarks; at D = 64 both are the same kernel). block_m: the rows of the small-grid
-// tiles, which the split heuristic counts: where the default tiles run, twice their blocks fill the GPU.
-struct Sm90Tiles {
-  bool small_grid;
+// Tiles of the wgmma forward (head dim 64 or 128), in this order:
+//  - small-grid tiles (64-row blocks) where the default's blocks would cover at most half of the SMs.
+//    Measured at D = 128 (H200, 132 SMs; default 128-row blocks, one per SM): 64 blocks ran 11-14 % faster
+//    as 128 64-row blocks, 104 blocks 11 % slower (docs/perf.md, v15);
+//  - long-key tiles where the keys are at least kLongKeysMinLen and the long-key tiles' blocks still fill
+//    the SMs. Measured at D = 64 (the only head dim where they differ from the default; 192-row blocks
+//    against 8's 64-row ones): 1.01-1.10x at 8k and 16k keys, 0.74-0.98x at 1k and 4k (docs/perf.md, v16);
+//  - else the default tiles.
+// FLASH_ATTN_FWD_SM90_SMALL_GRID=1 / FLASH_ATTN_FWD_SM90_LONG_KEYS=1 take those tiles for every shape, =0
+// never (tests and benchmarks); a forced small grid comes first. block_m: the rows of the small-grid tiles,
+// which the split heuristic counts: where the other tiles run, twice their blocks fill the GPU.
+constexpr int64_t kLongKeysMinLen = 8192;
+struct Sm90TileChoice {
+  Sm90Tiles tiles;
   int64_t block_m;
 };
-Sm90Tiles choose_sm90_tiles(const AttnShape& s, int num_sms, std::optional<bool> forced_small_grid) {
-  const bool d64 = s.head_dim == 64;
-  const int64_t rows = d64 ? FwdSm90Config<64>::Traits::kBlockM : FwdSm90Config<128>::Traits::kBlockM;
-  const int64_t small_rows =
-      d64 ? FwdSm90Config<64>::SmallGridTraits::kBlockM : FwdSm90Config<128>::SmallGridTraits::kBlockM;
-  const bool small_grid = forced_small_grid.value_or(2 * one_pass_blocks(s, rows) <= num_sms);
-  return {small_grid, small_rows};
+template <int HeadDim>
+Sm90TileChoice choose_sm90_tiles_of(const AttnShape& s, int num_sms, std::optional<bool> forced_small_grid,
+                                    std::optional<bool> forced_long_keys) {
+  using Config = FwdSm90Config<HeadDim>;
+  const int64_t small_rows = Config::SmallGridTraits::kBlockM;
+  if (forced_small_grid.value_or(2 * one_pass_blocks(s, Config::Traits::kBlockM) <= num_sms)) {
+    return {Sm90Tiles::kSmallGrid, small_rows};
+  }
+  const bool long_keys =
+      s.len_k >= kLongKeysMinLen && one_pass_blocks(s, Config::LongKeysTraits::kBlockM) >= num_sms;
+  if (forced_long_keys.value_or(long_keys)) return {Sm90Tiles::kLongKeys, small_rows};
+  return {Sm90Tiles::kDefault, small_rows};
+}
+Sm90TileChoice choose_sm90_tiles(const AttnShape& s, int num_sms, std::optional<bool> forced_small_grid,
+                                 std::optional<bool> forced_long_keys) {
+  return s.head_dim == 64 ? choose_sm90_tiles_of<64>(s, num_sms, forced_small_grid, forced_long_keys)
+                          : choose_sm90_tiles_of<128>(s, num_sms, forced_small_grid, forced_long_keys);
 }
 
 // Split-kernel blocks of one split: (packed row tiles of a key/value group) x B x Hkv.
@@ -263,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                     ", Hq = ", s.heads_q);
   const int forced_splits = forced_num_splits();
   const std::optional<bool> forced_small_grid = env_flag(kOp, "FLASH_ATTN_FWD_SM90_SMALL_GRID");
+  const std::optional<bool> forced_long_keys = env_flag(kOp, "FLASH_ATTN_FWD_SM90_LONG_KEYS");
 
   c10::cuda::CUDAGuard device_guard(q_in.device());
   const int max_smem = max_smem_per_block(q_in.device());
@@ -288,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   // Whether the one-pass kernel is the wgmma one (reads FLASH_ATTN_FWD_WGMMA on every call), and its tiles.
   const bool sm90 = use_sm90_forward(q_in.device(), D);
   const SplitDeviceInfo info = split_device_info(q_in.get_device(), dtype, D);
-  const Sm90Tiles sm90_tiles = sm90 ? choose_sm90_tiles(s, info.num_sms, forced_small_grid)
-                                    : Sm90Tiles{false, kOnePassBlockM};
+  const Sm90TileChoice sm90_tiles = sm90 ? choose_sm90_tiles(s, info.num_sms, forced_small_grid, forced_long_keys)
+                                         : Sm90TileChoice{Sm90Tiles::kDefault, kOnePassBlockM};
   int num_splits = forced_splits;
   if (num_splits == 0) {
     num_splits = heuristic_num_splits(s, split_block_n(D), info.num_sms, info.blocks_per_sm, sm90_tiles.block_m);
@@ -342,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634074);  // scale * log2(e)
   params.is_causal = is_causal;
   params.use_sm90 = sm90 && num_splits == 1;
-  params.sm90_small_grid = sm90_tiles.small_grid;
+  params.sm90_tiles = sm90_tiles.tiles;
   params.num_splits = num_splits;
   if (num_splits > 1) {
     params.out_accum = out_accum.data_ptr<float>();

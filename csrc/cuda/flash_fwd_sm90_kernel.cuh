@@ -22,7 +22,8 @@
 //   warpgroups also take turns issuing their MMAs (named barriers 3 and 4), so that one's softmax runs
 //   under the other's MMAs.
 // run_fwd_sm90 launches the head dim's default tiles (FwdSm90Config<D>::Traits) or, for grids the API
-// layer finds too small for them, its 64-row small-grid tiles (::SmallGridTraits).
+// layer finds too small for them, its 64-row small-grid tiles (::SmallGridTraits), or for long key
+// sequences its long-key tiles (::LongKeysTraits; 192-row blocks at D = 64).
 // Compiled to a trap for other targets; run_fwd_sm90 is only called on sm_90 devices of a build that
 // includes sm_90a (FLASH_WITH_SM90A, see flash_fwd_api.cpp).
 #pragma once
@@ -535,13 +536,19 @@ void run_fwd_sm90_tiles(const FwdParams& params, cudaStream_t stream) {
   launch_fwd_sm90<typename Traits::WithoutTma, Element>(params, stream, maps);
 }
 
-// The head dim's default tiles, or its small-grid tiles where the API layer chose them.
+// The head dim's default tiles, or its small-grid or long-key tiles where the API layer chose them.
 template <typename Element, int HeadDim>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Config = FwdSm90Config<HeadDim>;
   if constexpr (!std::is_same_v<typename Config::SmallGridTraits, typename Config::Traits>) {
-    if (params.sm90_small_grid) {
+    if (params.sm90_tiles == Sm90Tiles::kSmallGrid) {
       run_fwd_sm90_tiles<typename Config::SmallGridTraits, Element, HeadDim>(params, stream);
+      return;
+    }
+  }
+  if constexpr (!std::is_same_v<typename Config::LongKeysTraits, typename Config::Traits>) {
+    if (params.sm90_tiles == Sm90Tiles::kLongKeys) {
+      run_fwd_sm90_tiles<typename Config::LongKeysTraits, Element, HeadDim>(params, stream);
       return;
     }
   }

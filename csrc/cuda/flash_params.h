@@ -13,6 +13,10 @@ struct Strides4 {
   int64_t row;
 };
 
+// The tiles of the wgmma forward (FwdSm90Config<D> in kernel_traits.h): the head dim's default, its 64-row
+// small-grid tiles, or its long-key tiles.
+enum class Sm90Tiles : int8_t { kDefault, kSmallGrid, kLongKeys };
+
 struct FwdParams {
   // Inputs: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D); element type fixed by the template.
   const void* q;
@@ -34,7 +38,7 @@ struct FwdParams {
   float scale_log2;  // scale * log2(e)
   bool is_causal;
   bool use_sm90;  // the one-pass forward runs the wgmma kernel (run_fwd_sm90); BwdParams: run_bwd_sm90
-  bool sm90_small_grid;  // ... with FwdSm90Config<D>::SmallGridTraits (64-row blocks), not ::Traits
+  Sm90Tiles sm90_tiles;  // ... with which of FwdSm90Config<D>'s tiles (the API layer's choose_sm90_tiles)
 
   // Split-KV path (flash_fwd_split_kernel.cuh), used when num_splits >= 2: the keys are cut into
   // num_splits ranges of whole tiles; split s writes the partial output of row (b, h, i) to

@@ -229,7 +229,9 @@ struct FwdSm90Traits {
 //   15: 14 with the two warpgroups taking turns on the MMAs (kPingPong, FA3's ping-pong schedule)
 //       (1.18-1.31x / 1.52-1.79x; x 0.80-1.00 / 1.01-1.07 of 10 in one call): the default at D = 128;
 //   16: 15 with three warpgroups per 192-row block taking turns in round robin, made for D = 64 (163-168
-//       registers without spills there; 308-328 bytes of spills at D = 128) (not yet run on a GPU).
+//       registers without spills there; 308-328 bytes of spills at D = 128) (D = 64: x 0.74-0.98 of 8 at
+//       1k and 4k keys, 1.01-1.10 at 8k and 16k in one call): D = 64's long-key tiles
+//       (FwdSm90Config<64>::LongKeysTraits).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 16, "no wgmma forward variant with this number");
@@ -259,21 +261,29 @@ struct FwdSm90Variant {
 #endif
 
 // Traits: the head dim's default. SmallGridTraits: the kernel for grids too small for the default's blocks
-// (fewer than 80 % of the SMs busy, see flash_fwd_api.cpp): candidate kSmallGrid's 64-row blocks, twice as
-// many; the default itself when its blocks are 64 rows already.
-template <int kHeadDim, int kVariant, int kSmallGrid>
+// (at most half of the SMs busy, see flash_fwd_api.cpp): candidate kSmallGrid's 64-row blocks, twice as
+// many; the default itself when its blocks are 64 rows already. LongKeysTraits: the kernel for long key
+// sequences whose blocks fill the GPU: candidate kLongKeys (at D = 64 16's 192-row blocks, whose longer
+// prologue and epilogue pay off once each block runs through 8k keys; docs/perf.md, v16).
+template <int kHeadDim, int kVariant, int kSmallGrid, int kLongKeys>
 struct FwdSm90Choice {
   using Traits = typename FwdSm90Variant<kHeadDim, kVariant>::Traits;
   using SmallGridTraits = std::conditional_t<Traits::kBlockM == 64, Traits,
                                              typename FwdSm90Variant<kHeadDim, kSmallGrid>::Traits>;
+  using LongKeysTraits = typename FwdSm90Variant<kHeadDim, kLongKeys>::Traits;
   static_assert(SmallGridTraits::kBlockM == 64, "the small-grid kernel has 64-row blocks");
 };
+#ifndef FLASH_FWD_SM90_LONG_KEYS_VARIANT_HDIM64
+#define FLASH_FWD_SM90_LONG_KEYS_VARIANT_HDIM64 16
+#endif
 template <int kHeadDim>
 struct FwdSm90Config;
 template <>
-struct FwdSm90Config<64> : FwdSm90Choice<64, FLASH_FWD_SM90_VARIANT_HDIM64, 8> {};
+struct FwdSm90Config<64>
+    : FwdSm90Choice<64, FLASH_FWD_SM90_VARIANT_HDIM64, 8, FLASH_FWD_SM90_LONG_KEYS_VARIANT_HDIM64> {};
 template <>
-struct FwdSm90Config<128> : FwdSm90Choice<128, FLASH_FWD_SM90_VARIANT_HDIM128, 10> {};
+struct FwdSm90Config<128>
+    : FwdSm90Choice<128, FLASH_FWD_SM90_VARIANT_HDIM128, 10, FLASH_FWD_SM90_VARIANT_HDIM128> {};
 
 // Split-KV forward kernel (flash_fwd_split_kernel.cuh), made for decoding: few query rows, many keys.
 //
