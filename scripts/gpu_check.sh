@@ -88,14 +88,15 @@ if [[ " $stages " == *" sanitize "* ]]; then
   # racecheck's host memory grows with every launch (55 GB over the attention part, 68 GB over one split
   # count of the decode part): it runs the parts one process at a time; memcheck and synccheck (1 GB) run
   # them all in one process.
-  racecheck_parts="attention sm90tiles sm90bwd decode:3:float16 decode:3:bfloat16 decode:64:float16 decode:64:bfloat16 layernorm"
+  # SANITIZE_PARTS="sm90tiles attention" sanitizes those parts only.
+  racecheck_parts=${SANITIZE_PARTS:-"attention sm90tiles sm90bwd decode:3:float16 decode:3:bfloat16 decode:64:float16 decode:64:bfloat16 layernorm"}
   i=0
   for tool in memcheck racecheck synccheck; do
     ( export CUDA_VISIBLE_DEVICES=${gpu_list[$(( i % ${#gpu_list[@]} ))]}
       : > "/tmp/sanitize_$tool.log"; : > "/tmp/sanitize_$tool.note"
       if [ $tool = racecheck ]; then groups=$racecheck_parts; else groups=all; fi
       for group in $groups; do
-        parts=$group; [ "$group" = all ] && parts=""
+        parts=$group; [ "$group" = all ] && parts="${SANITIZE_PARTS:-}"
         timeout "${SANITIZE_TIMEOUT:-420}" compute-sanitizer --tool $tool --error-exitcode 9 \
           python3 scripts/sanitizer_case.py $parts > "/tmp/sanitize_${tool}_part.log" 2>&1
         rc=$?
