@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the CUDA tests, the sanitizers and the benchmark.
 # Usage: bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [train]   (default: these five)
-#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, bwdwgmma, profile (ncu),
+#        also: benchfull (bench.py grid), ddp (1 vs 2 GPUs), decode, model, sweep, fwdtiles, wgmma, bwdwgmma, longkeys, profile (ncu),
 #        errsweep (error ratios over many draws of one test case)
 # Logs go to $OUT (or /tmp/gpu_out); a short table is printed last.
 set -uo pipefail
@@ -190,13 +190,23 @@ if [[ " $stages " == *" sweep "* ]]; then
   note "backward variants (scripts/sweep_bwd.py): rc=$?"; tail -45 /tmp/bwd_sweep.log >> "$summary"
   cp /tmp/sweep/bwd_sweep.csv "$OUT/" 2>/dev/null
 fi
+if [[ " $stages " == *" longkeys "* ]]; then
+  # D = 64's forward with and without its long-key tiles (FLASH_ATTN_FWD_SM90_LONG_KEYS=1 / 0) around the
+  # rule's 8192-key threshold.
+  for w in 0 1; do
+    FLASH_ATTN_FWD_SM90_LONG_KEYS=$w timeout 150 python3 scripts/bench_flash_cuda.py --fwd-only --head-dims 64 \
+      --seqlens ${LONG_KEYS_SEQLENS:-4096,5120,6144,7168,8192} > "$OUT/long_keys_$w.log" 2>&1
+    note "forward, FLASH_ATTN_FWD_SM90_LONG_KEYS=$w: rc=$?"; grep -E "^\|" "$OUT/long_keys_$w.log" >> "$summary"
+  done
+fi
 if [[ " $stages " == *" profile "* ]]; then
-  # Nsight Compute on the D = 128 backward (N = 4096), ours and SDPA's flash kernel: the summary sections as
-  # text and the full reports (with source lines: the build has -lineinfo) to open in ncu-ui.
+  # Nsight Compute on the D = 128 backward (N = 4096), ours (the kernel the defaults pick: the wgmma one on
+  # sm_90) and SDPA's flash kernel (PROFILE_IMPLS="ours" skips it): the summary sections as text and the full
+  # reports (with source lines: the build has -lineinfo) to open in ncu-ui.
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-  for impl in ours sdpa; do
-    if [ $impl = ours ]; then kernel=regex:bwd_kernel; flag=""; else kernel=regex:flash_bwd_dq_dk_dv; flag=--sdpa; fi
-    timeout 200 "$NCU" --kernel-name $kernel --launch-skip 1 --launch-count 1 --set full --import-source yes \
+  for impl in ${PROFILE_IMPLS:-ours sdpa}; do
+    if [ $impl = ours ]; then kernel="regex:bwd_kernel|flash_bwd_sm90_kernel"; flag=""; else kernel=regex:flash_bwd_dq_dk_dv; flag=--sdpa; fi
+    timeout 200 "$NCU" --kernel-name "$kernel" --launch-skip 1 --launch-count 1 --set full --import-source yes \
       -f -o "$OUT/bwd_$impl" python3 scripts/profile_bwd.py --head-dim 128 --seqlen 4096 $flag > "/tmp/ncu_$impl.log" 2>&1
     note "ncu $impl backward: rc=$?"
     "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --print-summary per-kernel > "$OUT/bwd_${impl}_summary.txt" 2>&1
