@@ -330,8 +330,12 @@ def test_small_grids_take_the_64_row_tiles(monkeypatch, head_dim):
     assert sm90_block_rows(large, large, large) == default_rows
 
 
-# Long key sequences (8k keys and up) take the long-key tiles (192-row blocks at D = 64, the default tiles at
-# D = 128) where their blocks still fill the SMs; FLASH_ATTN_FWD_SM90_LONG_KEYS=0 / 1 forces either.
+# Long key sequences (LONG_KEYS_MIN_LEN keys and up: kLongKeysMinLen in flash_fwd_api.cpp) take the long-key
+# tiles (192-row blocks at D = 64, the default tiles at D = 128) where their blocks still fill the SMs;
+# FLASH_ATTN_FWD_SM90_LONG_KEYS=0 / 1 forces either.
+LONG_KEYS_MIN_LEN = 6144
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_long_keys_take_the_long_key_tiles(monkeypatch, head_dim):
     needs_hopper()
@@ -344,7 +348,8 @@ def test_long_keys_take_the_long_key_tiles(monkeypatch, head_dim):
         return torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
 
     q, q_fewer = rand(sms, 192), rand(sms - 1, 192)  # one 192-row block per head
-    long_kv, short_kv = [rand(sms, 8192) for _ in "kv"], [rand(sms, 8191) for _ in "kv"]
+    long_kv = [rand(sms, LONG_KEYS_MIN_LEN) for _ in "kv"]
+    short_kv = [rand(sms, LONG_KEYS_MIN_LEN - 1) for _ in "kv"]
     default_rows = sm90_block_rows(q, *short_kv)
     long_rows = {192} if head_dim == 64 else default_rows
     assert default_rows == ({64} if head_dim == 64 else {128})

@@ -396,7 +396,7 @@ void launch_bwd_kernel(const BwdParams& params, cudaStream_t stream) {
 
   // dq = dq_accum * scale in the element type.
   const int64_t n4 = int64_t(params.batch) * params.heads_q * params.len_q * Tr::kHeadDim / 4;
-  bwd_convert_dq_kernel<T, Tr::kDqMode == kDqFragments>
+  bwd_convert_dq_kernel<T, Tr::kDqMode == kDqFragments ? kDqMmaFragments : kDqRowMajor>
       <<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
 }
 

@@ -47,10 +47,16 @@ __global__ void __launch_bounds__(kNThreads) bwd_dot_do_o_kernel(const BwdParams
   if (row < rows && sub == 0) params.softmax_d[row] = acc;
 }
 
+// The order of dq_accum's elements within a (batch, head): row-major; the mma fragment order of
+// flash_bwd_kernel.cuh (kDqFragments there); the warpgroup fragment order of flash_bwd_sm90_kernel.cuh
+// (kBulkDq there: per 64-row tile and 64-column half, float4 (w * 8 + j) * 32 + l holds rows 16 w + l / 4
+// and + 8, columns 8 j + 2 (l % 4) and + 1).
+enum DqAccumLayout : int { kDqRowMajor = 0, kDqMmaFragments = 1, kDqWgmmaFragments = 2 };
+
 // 4 consecutive elements of dq per thread (the head dim is a multiple of 8, so the total is too);
-// dq_accum has dq_accum_rows >= Nq rows per (batch, head), row-major or, with kFragments, in the
-// mma fragment order of flash_bwd_kernel.cuh (there the 4 elements are contiguous too).
-template <typename T, bool kFragments>
+// dq_accum has dq_accum_rows >= Nq rows per (batch, head) in order kLayout (in the mma fragment order the
+// 4 elements are contiguous too; in the warpgroup one they are two pairs of neighbouring lanes).
+template <typename T, DqAccumLayout kLayout>
 __global__ void bwd_convert_dq_kernel(const BwdParams params, int64_t n4) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n4) return;
@@ -58,11 +64,20 @@ __global__ void bwd_convert_dq_kernel(const BwdParams params, int64_t n4) {
   const int64_t per_head = int64_t(params.len_q) * D / 4;  // float4s of dq per head
   const int64_t bh = idx / per_head;
   float4 a;
-  if constexpr (kFragments) {
+  if constexpr (kLayout == kDqMmaFragments) {
     const int64_t in_head = (idx - bh * per_head) * 4;  // element offset of (i, c) in the head's dq
     const int i = int(in_head / D), c = int(in_head % D);
     const int64_t at = (int64_t(i / 16) * (D / 8) + c / 8) * 128 + ((i % 16) / 8) * 64 + (i % 8) * 8 + c % 8;
     a = *reinterpret_cast<const float4*>(params.dq_accum + bh * params.dq_accum_rows * D + at);
+  } else if constexpr (kLayout == kDqWgmmaFragments) {
+    const int64_t in_head = (idx - bh * per_head) * 4;
+    const int i = int(in_head / D), c = int(in_head % D);  // c % 4 == 0
+    const int r = i % 64, lane = (r % 8) * 4 + (c % 8) / 2;
+    const int64_t at = int64_t(i / 64) * 64 * D + (((c / 64) * 4 + r / 16) * 8 + (c % 64) / 8) * 128 + lane * 4 +
+                       ((r % 16) / 8) * 2;
+    const float* src = params.dq_accum + bh * params.dq_accum_rows * D + at;
+    const float2 lo = *reinterpret_cast<const float2*>(src), hi = *reinterpret_cast<const float2*>(src + 4);
+    a = make_float4(lo.x, lo.y, hi.x, hi.y);
   } else {
     // Row-major: skip the padding rows of the heads before this one.
     const int64_t at = idx + bh * (int64_t(params.dq_accum_rows) - params.len_q) * D / 4;

@@ -39,13 +39,19 @@ namespace flash {
 //   1: 0 with S^T and dP^T in two commit groups: P^T is computed while dP^T is in flight (kSplitSdP)
 //      (fwd+bwd x 0.99-1.00 / 0.96-0.99 of 0 in one call, v16);
 //   2: 1 with dQ of tile m issued after the products of tile m + 1 (under their softmax), from a second dS^T
-//      stage: one block barrier per tile (kDeferDq; 32 more live registers) (x 0.99-1.00 / 1.00-1.02 of 0).
+//      stage: one block barrier per tile (kDeferDq; 32 more live registers) (x 0.99-1.00 / 1.00-1.02 of 0);
+//   3: 0 with dQ added by bulk reductions instead of per-thread atomics (kBulkDq): each warpgroup stores its
+//      64 x 64 part of dQ to shared memory in fragment order and one of its threads adds it to dq_accum
+//      (cp.reduce.async.bulk ... add.f32), which then holds each 64-row tile in that order (convert kernel:
+//      kDqWgmmaFragments). In 0's profile the atomics (REDG) held 18 % of the warps' stall samples, 15 % of
+//      them waiting for the load / store queue (docs/perf.md, v16).
 template <int kHeadDim_, int kVariant_ = 0>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kSplitSdP = kVariant >= 1;
-  static constexpr bool kDeferDq = kVariant >= 2;
+  static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2;
+  static constexpr bool kDeferDq = kVariant == 2;
+  static constexpr bool kBulkDq = kVariant == 3;
   static constexpr int kBlockN = 128;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
   static constexpr int kNThreads = kBlockN / 64 * 128;
@@ -67,10 +73,13 @@ struct BwdSm90Traits {
   static constexpr int kOffdS = kOffdO + 2 * kTileQBytes;
   static constexpr int kOffLse = kOffdS + kdSStages * kTiledSBytes;
   static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;
-  static constexpr int kSmemBytes = kOffDsum + 2 * kBlockM * 4;
+  static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one warpgroup's dQ (fp32), kBulkDq
+  static constexpr int kOffDq = (kOffDsum + 2 * kBlockM * 4 + 127) / 128 * 128;
+  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffDsum + 2 * kBlockM * 4;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
-  static_assert(kVariant >= 0 && kVariant <= 2, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 3, "no wgmma backward variant with this number");
+  static_assert(kDqCols == 64 && kBlockM == 64, "kBulkDq's fragment order: 64 x 64 per warpgroup");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
@@ -189,13 +198,35 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   };
   // dQ rows (queries) 16 wwarp + g and + 8 of this warp into dq_accum (its MMA waited for and its registers
   // fenced by the caller); rows past Nq exist in dq_accum and add zeros.
+  //   atomics: dq_accum row-major;
+  //   kBulkDq: the warpgroup's 64 x 64 part (columns 64 wg.. at D = 128, all 64 at D = 64) through its shared
+  //   buffer, float4 (dq[j][0..3]) of lane l and fragment j of warp w at float4 (w * 8 + j) * 32 + l, and
+  //   the same order in dq_accum at the tile's float m0 * D (+ 4096 for the second half at D = 128).
   float* const gdq_thread = gdq + int64_t(wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
+  const uint32_t sdq_part = s0 + Traits::kOffDq + wg * Traits::kDqPartBytes;
+  const uint32_t sdq_thread = sdq_part + (wwarp * 8 * 32 + lane) * 16;
   auto add_dq = [&](const DqAcc& dq, int row0) {  // row0: the tile's first query
-    float* gdq_r = gdq_thread + int64_t(row0) * D;
+    if constexpr (Traits::kBulkDq) {
+      const bool issuer = tid % 128 == 0;
+      if (issuer) bulk_wait_read<0>();  // the previous tile's reduction has read the buffer
+      warpgroup_barrier(wg);
 #pragma unroll
-    for (int j = 0; j < Traits::kDqCols / 8; ++j) {
-      atomic_add_f2(gdq_r + j * 8, dq[j][0], dq[j][1]);
-      atomic_add_f2(gdq_r + 8 * D + j * 8, dq[j][2], dq[j][3]);
+      for (int j = 0; j < Traits::kDqCols / 8; ++j)
+        st_shared_f32x4(sdq_thread + j * 32 * 16, dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
+      fence_proxy_async();
+      warpgroup_barrier(wg);
+      if (issuer) {
+        bulk_reduce_add_f32(gdq + int64_t(row0) * D + (Traits::kDqSplitColumns ? wg * 64 * 64 : 0), sdq_part,
+                            Traits::kDqPartBytes);
+        bulk_commit();
+      }
+    } else {
+      float* gdq_r = gdq_thread + int64_t(row0) * D;
+#pragma unroll
+      for (int j = 0; j < Traits::kDqCols / 8; ++j) {
+        atomic_add_f2(gdq_r + j * 8, dq[j][0], dq[j][1]);
+        atomic_add_f2(gdq_r + 8 * D + j * 8, dq[j][2], dq[j][3]);
+      }
     }
   };
   auto ds_stage = [](int m) { return Traits::kDeferDq ? m & 1 : 0; };
@@ -355,6 +386,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   }
 
   cp_async_wait<0>();  // a block without query tiles still has its K / V copies in flight
+  if constexpr (Traits::kBulkDq) {
+    if (tid % 128 == 0) bulk_wait<0>();  // the last dQ reduction done before the block's shared memory goes
+  }
   // dK (times scale) and dV of this thread's keys; keys past Nk are not written.
   T* gdk = static_cast<T*>(params.dk) + bh * Nk * D;
   T* gdv = static_cast<T*>(params.dv) + bh * Nk * D;
@@ -386,7 +420,8 @@ void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   const dim3 grid((params.len_k + Traits::kBlockN - 1) / Traits::kBlockN, params.heads_q, params.batch);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
   const int64_t n4 = int64_t(params.batch) * params.heads_q * params.len_q * kHeadDim / 4;
-  bwd_convert_dq_kernel<T, false><<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
+  constexpr DqAccumLayout kLayout = Traits::kBulkDq ? kDqWgmmaFragments : kDqRowMajor;
+  bwd_convert_dq_kernel<T, kLayout><<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
 }
 
 }  // namespace flash

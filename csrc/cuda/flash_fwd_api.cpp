@@ -196,12 +196,13 @@ int64_t one_pass_blocks(const AttnShape& s, int64_t block_m) {
 //    as 128 64-row blocks, 104 blocks 11 % slower (docs/perf.md, v15);
 //  - long-key tiles where the keys are at least kLongKeysMinLen and the long-key tiles' blocks still fill
 //    the SMs. Measured at D = 64 (the only head dim where they differ from the default; 192-row blocks
-//    against 8's 64-row ones): 1.01-1.10x at 8k and 16k keys, 0.74-0.98x at 1k and 4k (docs/perf.md, v16);
+//    against 8's 64-row ones): 1.01-1.10x at 8k and 16k keys, 0.74-0.98x at 1k and 4k; in a second call
+//    1.02-1.06x at 6k and 7k, 0.99-1.05x at 5k, 0.92-0.94x at 4k (docs/perf.md, v16);
 //  - else the default tiles.
 // FLASH_ATTN_FWD_SM90_SMALL_GRID=1 / FLASH_ATTN_FWD_SM90_LONG_KEYS=1 take those tiles for every shape, =0
 // never (tests and benchmarks); a forced small grid comes first. block_m: the rows of the small-grid tiles,
 // which the split heuristic counts: where the other tiles run, twice their blocks fill the GPU.
-constexpr int64_t kLongKeysMinLen = 8192;
+constexpr int64_t kLongKeysMinLen = 6144;
 struct Sm90TileChoice {
   Sm90Tiles tiles;
   int64_t block_m;

@@ -59,11 +59,6 @@ __device__ __forceinline__ void keep_above_wait(float (&acc_s)[NF][4], float (&r
   if (row_sum[0][0] < -1.f) __trap();
 }
 
-// The 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is the block's).
-__device__ __forceinline__ void warpgroup_barrier(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-
 // Ping-pong turns of kNWg warpgroups (Traits::kPingPong) in round robin, on named barriers 1 + kNWg + wg
 // (after the warpgroup barriers 1 .. kNWg), 256 threads each: warpgroup wg waits on its barrier for its turn,
 // then passes the turn with a non-blocking arrive on the next one's. Turns go round in order, so a barrier

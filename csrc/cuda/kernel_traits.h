@@ -264,7 +264,7 @@ struct FwdSm90Variant {
 // (at most half of the SMs busy, see flash_fwd_api.cpp): candidate kSmallGrid's 64-row blocks, twice as
 // many; the default itself when its blocks are 64 rows already. LongKeysTraits: the kernel for long key
 // sequences whose blocks fill the GPU: candidate kLongKeys (at D = 64 16's 192-row blocks, whose longer
-// prologue and epilogue pay off once each block runs through 8k keys; docs/perf.md, v16).
+// prologue and epilogue pay off once each block runs through 6k keys; docs/perf.md, v16).
 template <int kHeadDim, int kVariant, int kSmallGrid, int kLongKeys>
 struct FwdSm90Choice {
   using Traits = typename FwdSm90Variant<kHeadDim, kVariant>::Traits;

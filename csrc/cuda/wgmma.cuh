@@ -74,6 +74,32 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// The 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is the block's).
+__device__ __forceinline__ void warpgroup_barrier(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32x4(uint32_t addr, float x, float y, float z, float w) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
+}
+// Bulk reduction of `bytes` (a multiple of 16) of fp32 from shared memory into global memory (both 16-byte
+// aligned): dst[i] += src[i] in L2, issued by one thread, in a bulk group of that thread (bulk_commit).
+// Shared memory written through the generic proxy is fenced (fence_proxy_async) before the issue.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk groups but the last N have read their shared memory (it may be written again).
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// This thread's bulk groups but the last N are complete (their global writes done).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous MMA; also pins
 // values computed before a wgmma_wait to that side of it (the compiler would otherwise sink register-only
 // math below the wait, out of the MMA's shadow).
