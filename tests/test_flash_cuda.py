@@ -107,6 +107,14 @@ def test_matches_reference_within_twice_sdpa(shape, mask_kind, head_dim, dtype, 
     check_against_sdpa(q, k, v, kwargs)
 
 
+def set_switch(monkeypatch, name: str, value: str | None) -> None:
+    """Sets the environment switch `name` to `value`, or unsets it for None (the default)."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def needs_hopper():
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma forward runs on sm_90 devices")
@@ -270,10 +278,7 @@ def test_hopper_backward_with_seqlens_k_matches_the_mma_sync_backward(monkeypatc
 )
 def test_hopper_backward_runs_where_switched_on(monkeypatch, flag, head_dim, expected):
     needs_hopper()
-    if flag is None:
-        monkeypatch.delenv("FLASH_ATTN_BWD_WGMMA", raising=False)
-    else:
-        monkeypatch.setenv("FLASH_ATTN_BWD_WGMMA", flag)
+    set_switch(monkeypatch, "FLASH_ATTN_BWD_WGMMA", flag)
     q = torch.randn(1, 2, 200, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, _ = ab.attention(q, q, q, backend="flash", strict=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -385,10 +390,7 @@ def test_hopper_forward_uses_tma_where_the_tensors_allow(monkeypatch, head_dim):
 )
 def test_wgmma_forward_is_the_kernel_that_runs_on_hopper(monkeypatch, wgmma, head_dim, expected):
     needs_hopper()
-    if wgmma is None:
-        monkeypatch.delenv("FLASH_ATTN_FWD_WGMMA", raising=False)
-    else:
-        monkeypatch.setenv("FLASH_ATTN_FWD_WGMMA", wgmma)
+    set_switch(monkeypatch, "FLASH_ATTN_FWD_WGMMA", wgmma)
     monkeypatch.setenv("FLASH_ATTN_NUM_SPLITS", "1")
     q = torch.randn(2, 4, 512, head_dim, device="cuda", dtype=torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
