@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "flash_bwd_preprocess.cuh"
 #include "flash_bwd_utils.cuh"
@@ -26,6 +27,7 @@
 #include "flash_launch.h"
 #include "flash_params.h"
 #include "flash_utils.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace flash {
@@ -44,7 +46,14 @@ namespace flash {
 //      64 x 64 part of dQ to shared memory in fragment order and one of its threads adds it to dq_accum
 //      (cp.reduce.async.bulk ... add.f32), which then holds each 64-row tile in that order (convert kernel:
 //      kDqWgmmaFragments). In 0's profile the atomics (REDG) held 18 % of the warps' stall samples, 15 % of
-//      them waiting for the load / store queue; fwd+bwd x 1.02-1.03 / 0.97-1.00 of 0 (docs/perf.md, v16).
+//      them waiting for the load / store queue; fwd+bwd x 1.02-1.03 / 0.97-1.00 of 0 (docs/perf.md, v16);
+//   4: 0 with dQ added by vector atomics in 3's fragment order (kVecDq): each thread adds its float4 of a
+//      fragment with one red.global.add.v4.f32, and the 32 lanes of a warp cover 512 contiguous bytes (0's
+//      row-major float2 atomics: 8 rows x 32 bytes). Half the reductions of 0, no shared memory, no barrier;
+//   5: 4 with Q and dO copied by bulk tensor copies (kTmaQdo, tma.cuh): thread 0 issues a query tile's copies
+//      once the block barrier says its buffer is free, each buffer on its own mbarrier; no per-thread copy
+//      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to 4 when a
+//      tensor map of Q or dO cannot be made (run_bwd_sm90).
 template <int kHeadDim_, int kVariant_ = 0>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
@@ -52,6 +61,9 @@ struct BwdSm90Traits {
   static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2;
   static constexpr bool kDeferDq = kVariant == 2;
   static constexpr bool kBulkDq = kVariant == 3;
+  static constexpr bool kVecDq = kVariant == 4 || kVariant == 5;
+  static constexpr bool kTmaQdo = kVariant == 5;
+  static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
   static constexpr int kNThreads = kBlockN / 64 * 128;
@@ -75,11 +87,13 @@ struct BwdSm90Traits {
   static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;
   static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one warpgroup's dQ (fp32), kBulkDq
   static constexpr int kOffDq = (kOffDsum + 2 * kBlockM * 4 + 127) / 128 * 128;
-  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffDsum + 2 * kBlockM * 4;
+  static constexpr int kOffBar = kOffDsum + 2 * kBlockM * 4;  // kTmaQdo: one mbarrier per Q / dO buffer
+  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + (kTmaQdo ? 16 : 0);
+  using WithoutTma = BwdSm90Traits<kHeadDim, kTmaQdo ? 4 : kVariant>;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
-  static_assert(kVariant >= 0 && kVariant <= 3, "no wgmma backward variant with this number");
-  static_assert(kDqCols == 64 && kBlockM == 64, "kBulkDq's fragment order: 64 x 64 per warpgroup");
+  static_assert(kVariant >= 0 && kVariant <= 5, "no wgmma backward variant with this number");
+  static_assert(kDqCols == 64 && kBlockM == 64, "the fragment order of dq_accum: 64 x 64 per warpgroup");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
@@ -94,7 +108,8 @@ using BwdSm90Config =
     BwdSm90Traits<kHeadDim, kHeadDim == 64 ? FLASH_BWD_SM90_VARIANT_HDIM64 : FLASH_BWD_SM90_VARIANT_HDIM128>;
 
 template <typename Traits, typename T>
-__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(const BwdParams params) {
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_bwd_sm90_kernel(const BwdParams params, const __grid_constant__ sm90::QdoTensorMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using ET = ElemTraits<T>;
   using namespace sm90;
@@ -143,13 +158,37 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   const float* sLse = reinterpret_cast<const float*>(smem + Traits::kOffLse);
   const float* sDsum = reinterpret_cast<const float*>(smem + Traits::kOffDsum);
 
-  // Q, dO, lse and softmax_d of query tile m into buffer buf (rows past Nq zero-filled).
+  // kTmaQdo: buffer buf's mbarrier; query tile m is use (m - m_begin) / 2 of its buffer's barrier.
+  const uint32_t bar_qdo = s0 + Traits::kOffBar;
+  if constexpr (Traits::kTmaQdo) {
+    if (tid == 0) {
+      mbar_init(bar_qdo, 1);
+      mbar_init(bar_qdo + 8, 1);
+      fence_mbar_init();
+    }
+    __syncthreads();
+  }
+  // Q, dO, lse and softmax_d of query tile m into buffer buf (rows past Nq zero-filled); kTmaQdo: Q and dO
+  // by thread 0's bulk tensor copies, 64 columns each.
   auto load_query_tile = [&](int m, int buf) {
     const int m0 = m * kBlockM;
-    load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffQ + buf * Traits::kTileQBytes, gq, params.q_stride.row, m0,
+    if constexpr (Traits::kTmaQdo) {
+      if (tid == 0) {
+        const uint32_t bar = bar_qdo + 8 * buf;
+        mbar_arrive_expect_tx(bar, 2 * Traits::kTileQBytes);
+#pragma unroll
+        for (int cb = 0; cb < D / 64; ++cb) {
+          tma_load_4d(s0 + Traits::kOffQ + buf * Traits::kTileQBytes + cb * kQBlock, &maps.q, bar, cb * 64, m0, h, b);
+          tma_load_4d(s0 + Traits::kOffdO + buf * Traits::kTileQBytes + cb * kQBlock, &maps.dout, bar, cb * 64, m0,
+                      h, b);
+        }
+      }
+    } else {
+      load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffQ + buf * Traits::kTileQBytes, gq, params.q_stride.row, m0,
                                      Nq - m0, tid, params.q);
-    load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffdO + buf * Traits::kTileQBytes, gdo, params.dout_stride.row,
-                                     m0, Nq - m0, tid, params.dout);
+      load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffdO + buf * Traits::kTileQBytes, gdo, params.dout_stride.row,
+                                       m0, Nq - m0, tid, params.dout);
+    }
     if (tid < kBlockM) {
       const bool ok = m0 + tid < Nq;
       cp_async_4(s0 + Traits::kOffLse + (buf * kBlockM + tid) * 4, ok ? glse + m0 + tid : glse, ok);
@@ -199,10 +238,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   // dQ rows (queries) 16 wwarp + g and + 8 of this warp into dq_accum (its MMA waited for and its registers
   // fenced by the caller); rows past Nq exist in dq_accum and add zeros.
   //   atomics: dq_accum row-major;
-  //   kBulkDq: the warpgroup's 64 x 64 part (columns 64 wg.. at D = 128, all 64 at D = 64) through its shared
-  //   buffer, float4 (dq[j][0..3]) of lane l and fragment j of warp w at float4 (w * 8 + j) * 32 + l, and
-  //   the same order in dq_accum at the tile's float m0 * D (+ 4096 for the second half at D = 128).
-  float* const gdq_thread = gdq + int64_t(wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
+  //   fragment order (kBulkDq, kVecDq): the warpgroup's 64 x 64 part (columns 64 wg.. at D = 128, all 64 at
+  //   D = 64) holds float4 (dq[j][0..3]) of lane l and fragment j of warp w at float4 (w * 8 + j) * 32 + l,
+  //   from the tile's float m0 * D (+ 4096 for the second half at D = 128). kBulkDq writes it to its shared
+  //   buffer in that order and adds the buffer with one bulk reduction; kVecDq adds each float4 itself.
+  float* const gdq_thread =
+      Traits::kVecDq ? gdq + (Traits::kDqSplitColumns ? wg * 64 * 64 : 0) + (wwarp * 8 * 32 + lane) * 4
+                     : gdq + int64_t(wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
   const uint32_t sdq_part = s0 + Traits::kOffDq + wg * Traits::kDqPartBytes;
   const uint32_t sdq_thread = sdq_part + (wwarp * 8 * 32 + lane) * 16;
   auto add_dq = [&](const DqAcc& dq, int row0) {  // row0: the tile's first query
@@ -220,6 +262,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
                             Traits::kDqPartBytes);
         bulk_commit();
       }
+    } else if constexpr (Traits::kVecDq) {
+      float* gdq_r = gdq_thread + int64_t(row0) * D;
+#pragma unroll
+      for (int j = 0; j < Traits::kDqCols / 8; ++j) atomic_add_f4(gdq_r + j * 32 * 4, dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
     } else {
       float* gdq_r = gdq_thread + int64_t(row0) * D;
 #pragma unroll
@@ -240,9 +286,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
   for (int m = m_begin; m < m_end; ++m) {
     const int buf = (m - m_begin) & 1;
     cp_async_wait<0>();
-    fence_proxy_async();
-    // Tile m landed everywhere; every warpgroup is done with buffer buf ^ 1 and with the dS^T stage of
-    // tile m (kDeferDq: and has stored the dS^T of tile m - 1).
+    // cp.async writes (K and V; Q and dO without kTmaQdo) seen by the MMAs' proxy.
+    if (!Traits::kTmaQdo || m == m_begin) fence_proxy_async();
+    // Tile m landed everywhere (kTmaQdo: but Q and dO, waited for below); every warpgroup is done with buffer
+    // buf ^ 1 and with the dS^T stage of tile m (kDeferDq: and has stored the dS^T of tile m - 1).
     __syncthreads();
     if (m + 1 < m_end) load_query_tile(m + 1, buf ^ 1);
     cp_async_commit();
@@ -250,6 +297,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
     const int m0 = m * kBlockM;
     const uint32_t sQ = s0 + Traits::kOffQ + buf * Traits::kTileQBytes;
     const uint32_t sdO = s0 + Traits::kOffdO + buf * Traits::kTileQBytes;
+    if constexpr (Traits::kTmaQdo) mbar_wait(bar_qdo + 8 * buf, uint32_t((m - m_begin) / 2) & 1u);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup); kSplitSdP: two commit groups;
     // kDeferDq: then dQ of tile m - 1.
@@ -412,15 +460,35 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_bwd_sm90_kernel(co
 }
 
 // dK, dV and dq_accum on wgmma, then dq from dq_accum (row-major). softmax_d is computed before (run_bwd).
-template <typename T, int kHeadDim>
-void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Traits = BwdSm90Config<kHeadDim>;
+template <typename Traits, typename T>
+void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, const sm90::QdoTensorMaps& maps) {
   auto kernel = flash_bwd_sm90_kernel<Traits, T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   const dim3 grid((params.len_k + Traits::kBlockN - 1) / Traits::kBlockN, params.heads_q, params.batch);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params, maps);
+}
+
+// kTmaQdo tiles fall back to cp.async copies when a tensor map of Q or dO cannot be made (e.g. a stride the
+// copy engine cannot address).
+template <typename T, int kHeadDim>
+void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  using Traits = BwdSm90Config<kHeadDim>;
+  sm90::QdoTensorMaps maps{};
+  bool mapped = false;
+  if constexpr (Traits::kTmaQdo) {
+    constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+    mapped = make_tensor_map_4d(&maps.q, params.q, kBf16, params.batch, params.heads_q, params.len_q, kHeadDim,
+                                params.q_stride, Traits::kBlockM) &&
+             make_tensor_map_4d(&maps.dout, params.dout, kBf16, params.batch, params.heads_q, params.len_q,
+                                kHeadDim, params.dout_stride, Traits::kBlockM);
+  }
+  if (mapped) {
+    launch_bwd_sm90<Traits, T>(params, stream, maps);
+  } else {
+    launch_bwd_sm90<typename Traits::WithoutTma, T>(params, stream, maps);
+  }
   const int64_t n4 = int64_t(params.batch) * params.heads_q * params.len_q * kHeadDim / 4;
-  constexpr DqAccumLayout kLayout = Traits::kBulkDq ? kDqWgmmaFragments : kDqRowMajor;
+  constexpr DqAccumLayout kLayout = Traits::kDqFragmentOrder ? kDqWgmmaFragments : kDqRowMajor;
   bwd_convert_dq_kernel<T, kLayout><<<unsigned((n4 + 255) / 256), 256, 0, stream>>>(params, n4);
 }
 

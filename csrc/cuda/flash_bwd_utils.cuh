@@ -71,6 +71,16 @@ __device__ __forceinline__ void atomic_add_f2(float* p, float x, float y) {
 #endif
 }
 
+// acc[0..3] += x, y, z, w on global memory (16-byte aligned), one vector reduction on sm_90.
+__device__ __forceinline__ void atomic_add_f4(float* p, float x, float y, float z, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(x, y, z, w));
+#else
+  atomic_add_f2(p, x, y);
+  atomic_add_f2(p + 2, z, w);
+#endif
+}
+
 // One A fragment (16 x 16 at (m0, k0)).
 template <bool kTrans>
 __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], uint32_t base, int pitch, int m0, int k0,

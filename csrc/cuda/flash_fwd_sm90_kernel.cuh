@@ -519,9 +519,9 @@ void run_fwd_sm90_tiles(const FwdParams& params, cudaStream_t stream) {
   if constexpr (Traits::kTma) {
     constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
     const bool mapped =
-        make_kv_tensor_map(&maps.k, params.k, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
+        make_tensor_map_4d(&maps.k, params.k, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
                            params.k_stride, Traits::kBlockN) &&
-        make_kv_tensor_map(&maps.v, params.v, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
+        make_tensor_map_4d(&maps.v, params.v, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
                            params.v_stride, Traits::kBlockN);
     if (mapped) {
       launch_fwd_sm90<Traits, Element>(params, stream, maps);

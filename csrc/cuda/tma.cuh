@@ -23,6 +23,11 @@ struct KvTensorMaps {
   CUtensorMap k;
   CUtensorMap v;
 };
+// The backward's: Q and dO (flash_bwd_sm90_kernel.cuh, kTmaQdo).
+struct QdoTensorMaps {
+  CUtensorMap q;
+  CUtensorMap dout;
+};
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
@@ -59,7 +64,7 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 // contiguous) whose box is 64 columns x box_rows rows of one (batch, head), 128-byte swizzled. Returns
 // false when the copy engine cannot address the tensor (a stride the driver refuses, e.g. not a multiple
 // of 16 bytes); the caller then copies with cp.async.
-bool make_kv_tensor_map(CUtensorMap* map, const void* base, bool bf16, int batch, int heads, int rows,
+bool make_tensor_map_4d(CUtensorMap* map, const void* base, bool bf16, int batch, int heads, int rows,
                         int head_dim, const Strides4& strides, int box_rows);
 
 }  // namespace flash

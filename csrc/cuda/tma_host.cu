@@ -25,7 +25,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 
 }  // namespace
 
-bool make_kv_tensor_map(CUtensorMap* map, const void* base, bool bf16, int batch, int heads, int rows,
+bool make_tensor_map_4d(CUtensorMap* map, const void* base, bool bf16, int batch, int heads, int rows,
                         int head_dim, const Strides4& strides, int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
   if (encode == nullptr || rows <= 0 || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
