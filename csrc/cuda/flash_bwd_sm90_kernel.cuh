@@ -3,7 +3,8 @@
 //
 // One block: kBlockN = 128 keys of one (batch, query head), two warpgroups of 64 keys each. K and V stay in
 // shared memory, dK and dV in fp32 registers; the block loops over the 64-query tiles that can see its keys
-// (Q, dO, lse and softmax_d double-buffered by cp.async). Per query tile and warpgroup (64 keys x 64 queries):
+// (Q and dO double-buffered by bulk tensor copies, lse and softmax_d by cp.async; candidates 0-4: all four by
+// cp.async). Per query tile and warpgroup (64 keys x 64 queries):
 //   S^T  = K Q^T, dP^T = V dO^T             wgmma, all operands K-major in swizzled shared memory;
 //   P^T  = exp2(S^T * scale_log2 - lse * log2e), 0 where masked; dS^T = P^T o (dP^T - softmax_d);
 //   dV  += P^T dO, dK += dS^T Q             wgmma with A = P^T / dS^T from registers, B = dO / Q MN-major;
@@ -11,9 +12,10 @@
 //   dQ   = dS K                             wgmma with both operands MN-major (transposed on the way in):
 //          D = 128: each warpgroup 64 of the 128 columns over all 128 keys; D = 64: each warpgroup all
 //          columns over its own 64 keys (both add into dq_accum);
-//   dQ  -> atomicAdd into dq_accum (fp32, row-major; scaled and rounded by bwd_convert_dq_kernel).
-// Masks as in flash_bwd_kernel.cuh. Candidate 0 issues the products of a tile, then waits for them; 1 and 2
-// overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap for other targets.
+//   dQ  -> float4 atomics into dq_accum (fp32 in fragment order; candidates 0-2: float2 ones, row-major), scaled
+//          and rounded by bwd_convert_dq_kernel.
+// Masks as in flash_bwd_kernel.cuh. The default, candidate 5, issues the products of a tile, then waits for
+// them; 1 and 2 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,7 +39,7 @@ namespace flash {
 //   lse, softmax_d [2][kBlockM] floats.
 // Candidates (kVariant; -DFLASH_BWD_SM90_VARIANT_HDIM64 / _HDIM128 pick them at compile time):
 //   0: every product of a query tile issued, then waited for; two block barriers per tile (measured,
-//      docs/perf.md v15: D = 128 1.12-1.15x the mma.sync backward, D = 64 0.79-0.87x): the default;
+//      docs/perf.md v15: D = 128 1.12-1.15x the mma.sync backward, D = 64 0.79-0.87x);
 //   1: 0 with S^T and dP^T in two commit groups: P^T is computed while dP^T is in flight (kSplitSdP)
 //      (fwd+bwd x 0.99-1.00 / 0.96-0.99 of 0 in one call, v16);
 //   2: 1 with dQ of tile m issued after the products of tile m + 1 (under their softmax), from a second dS^T
@@ -98,10 +100,10 @@ struct BwdSm90Traits {
                 "swizzled tiles start on 1024-byte boundaries");
 };
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM64
-#define FLASH_BWD_SM90_VARIANT_HDIM64 0
+#define FLASH_BWD_SM90_VARIANT_HDIM64 5
 #endif
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM128
-#define FLASH_BWD_SM90_VARIANT_HDIM128 0
+#define FLASH_BWD_SM90_VARIANT_HDIM128 5
 #endif
 template <int kHeadDim>
 using BwdSm90Config =
