@@ -54,17 +54,20 @@ namespace flash {
 //      row-major float2 atomics: 8 rows x 32 bytes). Half the reductions of 0, no shared memory, no barrier;
 //   5: 4 with Q and dO copied by bulk tensor copies (kTmaQdo, tma.cuh): thread 0 issues a query tile's copies
 //      once the block barrier says its buffer is free, each buffer on its own mbarrier; no per-thread copy
-//      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to 4 when a
-//      tensor map of Q or dO cannot be made (run_bwd_sm90).
-template <int kHeadDim_, int kVariant_ = 0>
+//      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to cp.async when a
+//      tensor map of Q or dO cannot be made (run_bwd_sm90);
+//   6: 5 with 2's schedule (S^T and dP^T in two commit groups, dQ of tile m issued under the softmax of tile
+//      m + 1, one block barrier per tile).
+// kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
+template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2;
-  static constexpr bool kDeferDq = kVariant == 2;
+  static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2 || kVariant == 6;
+  static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6;
   static constexpr bool kBulkDq = kVariant == 3;
-  static constexpr bool kVecDq = kVariant == 4 || kVariant == 5;
-  static constexpr bool kTmaQdo = kVariant == 5;
+  static constexpr bool kVecDq = kVariant >= 4;
+  static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
@@ -91,10 +94,10 @@ struct BwdSm90Traits {
   static constexpr int kOffDq = (kOffDsum + 2 * kBlockM * 4 + 127) / 128 * 128;
   static constexpr int kOffBar = kOffDsum + 2 * kBlockM * 4;  // kTmaQdo: one mbarrier per Q / dO buffer
   static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + (kTmaQdo ? 16 : 0);
-  using WithoutTma = BwdSm90Traits<kHeadDim, kTmaQdo ? 4 : kVariant>;
+  using WithoutTma = BwdSm90Traits<kHeadDim, kVariant, false>;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
-  static_assert(kVariant >= 0 && kVariant <= 5, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 6, "no wgmma backward variant with this number");
   static_assert(kDqCols == 64 && kBlockM == 64, "the fragment order of dq_accum: 64 x 64 per warpgroup");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
