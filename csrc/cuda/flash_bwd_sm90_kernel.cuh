@@ -57,7 +57,11 @@ namespace flash {
 //      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to cp.async when a
 //      tensor map of Q or dO cannot be made (run_bwd_sm90);
 //   6: 5 with 2's schedule (S^T and dP^T in two commit groups, dQ of tile m issued under the softmax of tile
-//      m + 1, one block barrier per tile).
+//      m + 1, one block barrier per tile);
+//   7: 5 without the block barrier at the top of each tile (kMbarQuery): lse and softmax_d complete on the
+//      query tile's mbarrier too (cp.async.mbarrier.arrive of the 64 threads that copy them), three Q / dO
+//      buffers and two dS^T stages, so that the barrier before dQ (the one left per tile) also says that the
+//      buffer and the stage a tile writes are no longer read (by tile m - 2).
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -68,6 +72,8 @@ struct BwdSm90Traits {
   static constexpr bool kBulkDq = kVariant == 3;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
+  static constexpr bool kMbarQuery = kVariant == 7 && kTmaQdo;
+  static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
@@ -78,7 +84,7 @@ struct BwdSm90Traits {
   static constexpr bool kDqSplitColumns = kHeadDim == 128;
   static constexpr int kDqCols = kDqSplitColumns ? 64 : kHeadDim;
   static constexpr int kDqKSteps = (kDqSplitColumns ? kBlockN : 64) / 16;
-  static constexpr int kdSStages = kDeferDq ? 2 : 1;
+  static constexpr int kdSStages = kDeferDq || kMbarQuery ? 2 : 1;
 
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
@@ -86,18 +92,19 @@ struct BwdSm90Traits {
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kTileKVBytes;
   static constexpr int kOffQ = kOffV + kTileKVBytes;
-  static constexpr int kOffdO = kOffQ + 2 * kTileQBytes;
-  static constexpr int kOffdS = kOffdO + 2 * kTileQBytes;
+  static constexpr int kOffdO = kOffQ + kQBufs * kTileQBytes;
+  static constexpr int kOffdS = kOffdO + kQBufs * kTileQBytes;
   static constexpr int kOffLse = kOffdS + kdSStages * kTiledSBytes;
-  static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;
+  static constexpr int kOffDsum = kOffLse + kQBufs * kBlockM * 4;
   static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one warpgroup's dQ (fp32), kBulkDq
-  static constexpr int kOffDq = (kOffDsum + 2 * kBlockM * 4 + 127) / 128 * 128;
-  static constexpr int kOffBar = kOffDsum + 2 * kBlockM * 4;  // kTmaQdo: one mbarrier per Q / dO buffer
-  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + (kTmaQdo ? 16 : 0);
+  static constexpr int kOffDq = (kOffDsum + kQBufs * kBlockM * 4 + 127) / 128 * 128;
+  static constexpr int kOffBar = kOffDsum + kQBufs * kBlockM * 4;  // kTmaQdo: one mbarrier per Q / dO buffer
+  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + (kTmaQdo ? 8 * kQBufs : 0);
   using WithoutTma = BwdSm90Traits<kHeadDim, kVariant, false>;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
-  static_assert(kVariant >= 0 && kVariant <= 6, "no wgmma backward variant with this number");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
+  static_assert(kVariant >= 0 && kVariant <= 7, "no wgmma backward variant with this number");
   static_assert(kDqCols == 64 && kBlockM == 64, "the fragment order of dq_accum: 64 x 64 per warpgroup");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
@@ -163,12 +170,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const float* sLse = reinterpret_cast<const float*>(smem + Traits::kOffLse);
   const float* sDsum = reinterpret_cast<const float*>(smem + Traits::kOffDsum);
 
-  // kTmaQdo: buffer buf's mbarrier; query tile m is use (m - m_begin) / 2 of its buffer's barrier.
+  // kTmaQdo: buffer buf's mbarrier; query tile m is use (m - m_begin) / kQBufs of its buffer's barrier. Its
+  // arrivals: thread 0's (with the bytes of Q and dO), and kMbarQuery: those of the threads copying lse and
+  // softmax_d, once their copies have landed.
   const uint32_t bar_qdo = s0 + Traits::kOffBar;
   if constexpr (Traits::kTmaQdo) {
     if (tid == 0) {
-      mbar_init(bar_qdo, 1);
-      mbar_init(bar_qdo + 8, 1);
+#pragma unroll
+      for (int i = 0; i < Traits::kQBufs; ++i) mbar_init(bar_qdo + 8 * i, Traits::kMbarQuery ? 1 + kBlockM : 1);
       fence_mbar_init();
     }
     __syncthreads();
@@ -198,6 +207,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const bool ok = m0 + tid < Nq;
       cp_async_4(s0 + Traits::kOffLse + (buf * kBlockM + tid) * 4, ok ? glse + m0 + tid : glse, ok);
       cp_async_4(s0 + Traits::kOffDsum + (buf * kBlockM + tid) * 4, ok ? gdsum + m0 + tid : gdsum, ok);
+      if constexpr (Traits::kMbarQuery) cp_async_mbar_arrive_noinc(bar_qdo + 8 * buf);
     }
   };
 
@@ -280,7 +290,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
     }
   };
-  auto ds_stage = [](int m) { return Traits::kDeferDq ? m & 1 : 0; };
+  auto ds_stage = [](int m) { return Traits::kdSStages == 2 ? m & 1 : 0; };
   DqAcc dq_deferred;  // kDeferDq: dQ of the previous tile, in flight across the next tile's softmax
   if constexpr (Traits::kDeferDq) {
     // The stage the first tile's (dropped) dQ reads: zeros, published by the first tile's barrier.
@@ -288,21 +298,33 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int i = tid; i < Traits::kTiledSBytes / 16; i += kNThreads) stage[i] = make_uint4(0, 0, 0, 0);
   }
 
-  for (int m = m_begin; m < m_end; ++m) {
-    const int buf = (m - m_begin) & 1;
+  if constexpr (Traits::kMbarQuery) {
+    // K and V (cp.async) seen by every thread and the MMAs' proxy; the query tiles come on their mbarriers.
     cp_async_wait<0>();
-    // cp.async writes (K and V; Q and dO without kTmaQdo) seen by the MMAs' proxy.
-    if (!Traits::kTmaQdo || m == m_begin) fence_proxy_async();
-    // Tile m landed everywhere (kTmaQdo: but Q and dO, waited for below); every warpgroup is done with buffer
-    // buf ^ 1 and with the dS^T stage of tile m (kDeferDq: and has stored the dS^T of tile m - 1).
+    fence_proxy_async();
     __syncthreads();
-    if (m + 1 < m_end) load_query_tile(m + 1, buf ^ 1);
-    cp_async_commit();
+  }
+  for (int m = m_begin; m < m_end; ++m) {
+    const int buf = (m - m_begin) % Traits::kQBufs;
+    if constexpr (Traits::kMbarQuery) {
+      // Buffer (m + 1) % 3 and dS^T stage m % 2 were last read in tile m - 2, which both warpgroups finished
+      // before the dQ barrier of tile m - 1 that this thread has passed.
+      if (m + 1 < m_end) load_query_tile(m + 1, (buf + 1) % Traits::kQBufs);
+    } else {
+      cp_async_wait<0>();
+      // cp.async writes (K and V; Q and dO without kTmaQdo) seen by the MMAs' proxy.
+      if (!Traits::kTmaQdo || m == m_begin) fence_proxy_async();
+      // Tile m landed everywhere (kTmaQdo: but Q and dO, waited for below); every warpgroup is done with buffer
+      // buf ^ 1 and with the dS^T stage of tile m (kDeferDq: and has stored the dS^T of tile m - 1).
+      __syncthreads();
+      if (m + 1 < m_end) load_query_tile(m + 1, buf ^ 1);
+      cp_async_commit();
+    }
 
     const int m0 = m * kBlockM;
     const uint32_t sQ = s0 + Traits::kOffQ + buf * Traits::kTileQBytes;
     const uint32_t sdO = s0 + Traits::kOffdO + buf * Traits::kTileQBytes;
-    if constexpr (Traits::kTmaQdo) mbar_wait(bar_qdo + 8 * buf, uint32_t((m - m_begin) / 2) & 1u);
+    if constexpr (Traits::kTmaQdo) mbar_wait(bar_qdo + 8 * buf, uint32_t((m - m_begin) / Traits::kQBufs) & 1u);
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup); kSplitSdP: two commit groups;
     // kDeferDq: then dQ of tile m - 1.
@@ -416,7 +438,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     } else {
       __syncthreads();  // dS^T of both warpgroups stored
       DqAcc dq;
-      issue_dq(dq, 0);
+      issue_dq(dq, ds_stage(m));
       wgmma_commit();
       wgmma_wait<0>();  // dV, dK and dQ
       fence_accumulator(dv);

@@ -47,6 +47,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// An arrival on bar once every cp.async this thread issued before has landed; counted against the arrivals
+// the barrier was initialised with (.noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 // Box {64 elements, rows, 1, 1} of the tensor map at coordinates {col, row, head, batch} into dst
 // (1024-byte aligned), counted on bar.
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int col, int row,
