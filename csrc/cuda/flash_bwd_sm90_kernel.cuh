@@ -35,8 +35,8 @@
 namespace flash {
 
 // Tiles and shared memory of the Hopper backward (all tiles 128-byte swizzled, 1024-byte aligned):
-//   sK, sV [kBlockN x D]; sQ, sdO [2][kBlockM x D]; sdS [kdSStages][kBlockN x kBlockM] (rows = keys);
-//   lse, softmax_d [2][kBlockM] floats.
+//   sK, sV [kBlockN x D]; sQ, sdO [kQBufs][kBlockM x D]; sdS [kdSStages][kBlockN x kBlockM] (rows = keys);
+//   lse, softmax_d [kQBufs][kBlockM] floats; kTmaQdo: one mbarrier per buffer.
 // Candidates (kVariant; -DFLASH_BWD_SM90_VARIANT_HDIM64 / _HDIM128 pick them at compile time):
 //   0: every product of a query tile issued, then waited for; two block barriers per tile (measured,
 //      docs/perf.md v15: D = 128 1.12-1.15x the mma.sync backward, D = 64 0.79-0.87x);
@@ -51,17 +51,18 @@ namespace flash {
 //      them waiting for the load / store queue; fwd+bwd x 1.02-1.03 / 0.97-1.00 of 0 (docs/perf.md, v16);
 //   4: 0 with dQ added by vector atomics in 3's fragment order (kVecDq): each thread adds its float4 of a
 //      fragment with one red.global.add.v4.f32, and the 32 lanes of a warp cover 512 contiguous bytes (0's
-//      row-major float2 atomics: 8 rows x 32 bytes). Half the reductions of 0, no shared memory, no barrier;
+//      row-major float2 atomics: 8 rows x 32 bytes). Half the reductions of 0, no shared memory, no barrier
+//      (fwd+bwd x 1.07-1.12 / 1.12-1.18 of 0 at D = 128 / 64; docs/perf.md, v17);
 //   5: 4 with Q and dO copied by bulk tensor copies (kTmaQdo, tma.cuh): thread 0 issues a query tile's copies
 //      once the block barrier says its buffer is free, each buffer on its own mbarrier; no per-thread copy
 //      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to cp.async when a
-//      tensor map of Q or dO cannot be made (run_bwd_sm90);
+//      tensor map of Q or dO cannot be made (run_bwd_sm90). x 1.09-1.12 / 1.13-1.19 of 0: the default;
 //   6: 5 with 2's schedule (S^T and dP^T in two commit groups, dQ of tile m issued under the softmax of tile
-//      m + 1, one block barrier per tile);
+//      m + 1, one block barrier per tile) (x 0.99-1.05 / 0.99-1.02 of 5);
 //   7: 5 without the block barrier at the top of each tile (kMbarQuery): lse and softmax_d complete on the
 //      query tile's mbarrier too (cp.async.mbarrier.arrive of the 64 threads that copy them), three Q / dO
 //      buffers and two dS^T stages, so that the barrier before dQ (the one left per tile) also says that the
-//      buffer and the stage a tile writes are no longer read (by tile m - 2).
+//      buffer and the stage a tile writes are no longer read (by tile m - 2) (x 0.96-1.03 / 0.98-1.04 of 5).
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
