@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(kNThreads) bwd_dot_do_o_kernel(const BwdParams
 
 // The order of dq_accum's elements within a (batch, head): row-major; the mma fragment order of
 // flash_bwd_kernel.cuh (kDqFragments there); the warpgroup fragment order of flash_bwd_sm90_kernel.cuh
-// (kBulkDq and kVecDq there: per 64-row tile and 64-column half, float4 (w * 8 + j) * 32 + l holds rows 16 w + l / 4
-// and + 8, columns 8 j + 2 (l % 4) and + 1).
+// (kBulkDq and kVecDq there: per 64-row tile and 64-column half, float4 (w * 8 + j) * 32 + l holds rows
+// 16 w + l / 4 and + 8, columns 8 j + 2 (l % 4) and + 1).
 enum DqAccumLayout : int { kDqRowMajor = 0, kDqMmaFragments = 1, kDqWgmmaFragments = 2 };
 
 // 4 consecutive elements of dq per thread (the head dim is a multiple of 8, so the total is too);

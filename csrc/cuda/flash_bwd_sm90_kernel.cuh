@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
     } else {
       load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffQ + buf * Traits::kTileQBytes, gq, params.q_stride.row, m0,
-                                     Nq - m0, tid, params.q);
+                                       Nq - m0, tid, params.q);
       load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffdO + buf * Traits::kTileQBytes, gdo, params.dout_stride.row,
                                        m0, Nq - m0, tid, params.dout);
     }
@@ -281,7 +281,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     } else if constexpr (Traits::kVecDq) {
       float* gdq_r = gdq_thread + int64_t(row0) * D;
 #pragma unroll
-      for (int j = 0; j < Traits::kDqCols / 8; ++j) atomic_add_f4(gdq_r + j * 32 * 4, dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
+      for (int j = 0; j < Traits::kDqCols / 8; ++j)
+        atomic_add_f4(gdq_r + j * 32 * 4, dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
     } else {
       float* gdq_r = gdq_thread + int64_t(row0) * D;
 #pragma unroll
@@ -487,7 +488,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #endif
 }
 
-// dK, dV and dq_accum on wgmma, then dq from dq_accum (row-major). softmax_d is computed before (run_bwd).
+// dK, dV and dq_accum on wgmma, then dq from dq_accum (in the candidate's order). softmax_d is computed before
+// (run_bwd).
 template <typename Traits, typename T>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, const sm90::QdoTensorMaps& maps) {
   auto kernel = flash_bwd_sm90_kernel<Traits, T>;
