@@ -194,7 +194,7 @@ if [[ " $stages " == *" sweep "* ]]; then
 fi
 if [[ " $stages " == *" longkeys "* ]]; then
   # D = 64's forward with and without its long-key tiles (FLASH_ATTN_FWD_SM90_LONG_KEYS=1 / 0) around the
-  # rule's 8192-key threshold.
+  # rule's threshold (kLongKeysMinLen in flash_fwd_api.cpp).
   for w in 0 1; do
     FLASH_ATTN_FWD_SM90_LONG_KEYS=$w timeout 150 python3 scripts/bench_flash_cuda.py --fwd-only --head-dims 64 \
       --seqlens ${LONG_KEYS_SEQLENS:-4096,5120,6144,7168,8192} > "$OUT/long_keys_$w.log" 2>&1

@@ -48,7 +48,7 @@ int bwd_min_smem_bytes(int64_t head_dim) {
 }
 
 // The Hopper backward (flash_bwd_sm90_kernel.cuh) on sm_90 devices of a build with sm_90a code: by default
-// for head dim 128 (1.12-1.15x the mma.sync backward there, 0.79-0.87x at D = 64: docs/perf.md, v16);
+// for head dim 128 (fwd+bwd 1.19-1.34x the mma.sync backward there, 0.94-1.05x at D = 64: docs/perf.md, v17);
 // FLASH_ATTN_BWD_WGMMA=1 for head dims 64 and 128, =0 never (the mma.sync backward).
 bool use_sm90_backward(const c10::Device& device, int64_t head_dim) {
   const bool on = flash::env_flag(kOp, "FLASH_ATTN_BWD_WGMMA").value_or(head_dim == 128);

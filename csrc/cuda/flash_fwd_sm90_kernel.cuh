@@ -69,6 +69,7 @@ __device__ __forceinline__ void wait_turn(int wg) {
 }
 template <int kNWg>
 __device__ __forceinline__ void pass_turn(int wg) {
+  // kNWg == 2 keeps the form of the measured two-warpgroup kernel ((wg + 1) % 2 compiles to other code).
   const int next = kNWg == 2 ? 1 - wg : (wg + 1 == kNWg ? 0 : wg + 1);
   asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + kNWg + next) : "memory");
 }
@@ -350,7 +351,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       if constexpr (!Traits::kPingPong) wait_v(n + 1);
       issue_pv(n + 1);
       if constexpr (Traits::kPingPong) {
-        const bool last_wg = kNWg == 2 ? wg != 0 : wg == kNWg - 1;
+        const bool last_wg = kNWg == 2 ? wg != 0 : wg == kNWg - 1;  // two: as the measured kernel has it
         if (!last_wg || n > 0) pass_turn<kNWg>(wg);
       }
       wgmma_wait<1>();  // S(n)

@@ -151,8 +151,9 @@ struct FwdSm90Traits {
   static constexpr bool kPingPong = kPingPong_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
-  using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_, kMinBlocks_, false,
-                                   kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_, false, false>;
+  using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
+                                   kMinBlocks_, false, kPinSoftmax_, kFoldScale_, kLateRescale_, kEmulateExpEvery_,
+                                   false, false>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -189,7 +190,8 @@ struct FwdSm90Traits {
   static_assert(kOverlap || !(kTma || kPinSoftmax || kFoldScale || kLateRescale || kEmulateExpEvery),
                 "kTma, kPinSoftmax, kFoldScale, kLateRescale and kEmulateExpEvery belong to the overlapped schedule");
   static_assert(!kLastWarpLoads || (kTma && kOverlap && kStagesV == 2 && kBlockM >= 128 && kBlockN == 128),
-                "kLastWarpLoads: two or more warpgroups, TMA, the overlapped schedule with two V stages, 128-key tiles");
+                "kLastWarpLoads: two or more warpgroups, TMA, the overlapped schedule with two V stages, "
+                "128-key tiles");
   static_assert(!kPingPong || kLastWarpLoads, "kPingPong: two warpgroups that do not meet at block barriers");
 };
 
@@ -248,9 +250,9 @@ struct FwdSm90Variant {
   static constexpr int kBase = kLastWarpLoads ? 3 : (kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant);
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
-  using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128, kOverlap,
-                               kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1, kTma,
-                               kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
+  using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
+                               kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
+                               kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
