@@ -147,7 +147,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
     default_variants="16 8"
   elif [ "$kind" = sm90bwd ]; then
     macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh
-    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="7 5"
+    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="9 8 5"
     bench_args="--seqlens 1024,4096,16384"; column=fwd_bwd; tests="hopper_backward or backward_switch"
   else
     macros="FLASH_FWD_VARIANT_HDIM64"; dims=64; default_variants="0 1 2"
@@ -173,6 +173,12 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   done
   # All candidates side by side, relative to the last one named (the default comes last in the lists above).
   last_variant=$(echo ${FWD_VARIANTS:-$default_variants} | awk '{print $NF}')
+  if [ "$kind" = sm90bwd ]; then
+    # The mma.sync backward (FLASH_ATTN_BWD_WGMMA=0, the same in every tree) against SDPA flash in this call too.
+    ( cd /tmp/fwd_variant_$last_variant && FLASH_ATTN_BWD_WGMMA=0 PYTHONPATH=/tmp/fwd_variant_$last_variant:$PYTHONPATH \
+        timeout 120 python3 scripts/bench_flash_cuda.py --head-dims 64 $bench_args ) > "$OUT/bwd_mma_sync.log" 2>&1
+    note "mma.sync backward (tree of variant $last_variant): rc=$?"; grep -E "^\|" "$OUT/bwd_mma_sync.log" >> "$summary"
+  fi
   python3 scripts/compare_fwd_variants.py "$OUT" --base "$last_variant" --column $column >> "$summary" 2>&1
   tail -4 "$summary"
 fi

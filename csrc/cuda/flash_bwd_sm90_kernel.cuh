@@ -62,29 +62,38 @@ namespace flash {
 //   7: 5 without the block barrier at the top of each tile (kMbarQuery): lse and softmax_d complete on the
 //      query tile's mbarrier too (cp.async.mbarrier.arrive of the 64 threads that copy them), three Q / dO
 //      buffers and two dS^T stages, so that the barrier before dQ (the one left per tile) also says that the
-//      buffer and the stage a tile writes are no longer read (by tile m - 2) (x 0.96-1.03 / 0.98-1.04 of 5).
+//      buffer and the stage a tile writes are no longer read (by tile m - 2) (x 0.96-1.03 / 0.98-1.04 of 5);
+//   8: at D = 64, 5 with 128-query tiles (kWideQuery): S^T and dP^T as m64n128 products (at n64 both operands
+//      of these shared-memory products take as many bytes per FLOP as the shared memory delivers), half the
+//      block barriers and dQ additions per query; dQ split by query rows, each warpgroup 64 queries over all
+//      128 keys. At D = 128 the same as 5 (S^T, dP^T, dK and dV would need 256 registers per thread);
+//   9: 8 with S^T and dP^T in two commit groups (kSplitSdP, as 1): at D = 64 P^T of 64 x 128 is computed
+//      while dP^T is in flight; at D = 128, 5 with kSplitSdP.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2 || kVariant == 6;
+  static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9;
   static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6;
   static constexpr bool kBulkDq = kVariant == 3;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
   static constexpr bool kMbarQuery = kVariant == 7 && kTmaQdo;
+  static constexpr bool kWideQuery = (kVariant == 8 || kVariant == 9) && kHeadDim_ == 64;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
-  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kBlockM = kWideQuery ? 128 : 64;  // queries per step
   static constexpr int kNThreads = kBlockN / 64 * 128;
   static constexpr int kNFragsS = kBlockM / 8;    // n8 fragments of S^T per thread
   static constexpr int kNFragsKV = kHeadDim / 8;  // of dK and dV
-  // dQ: D = 128 splits its columns between the two warpgroups (64 each), D = 64 its keys.
+  // dQ: D = 128 splits its columns between the two warpgroups (64 each), D = 64 its keys (kWideQuery: its
+  // query rows, 64 each).
   static constexpr bool kDqSplitColumns = kHeadDim == 128;
+  static constexpr bool kDqSplitRows = kWideQuery;
   static constexpr int kDqCols = kDqSplitColumns ? 64 : kHeadDim;
-  static constexpr int kDqKSteps = (kDqSplitColumns ? kBlockN : 64) / 16;
+  static constexpr int kDqKSteps = (kDqSplitColumns || kDqSplitRows ? kBlockN : 64) / 16;
   static constexpr int kdSStages = kDeferDq || kMbarQuery ? 2 : 1;
 
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
@@ -105,8 +114,11 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 7, "no wgmma backward variant with this number");
-  static_assert(kDqCols == 64 && kBlockM == 64, "the fragment order of dq_accum: 64 x 64 per warpgroup");
+  static_assert(kVariant >= 0 && kVariant <= 9, "no wgmma backward variant with this number");
+  static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
+                "the fragment order of dq_accum: 64 x 64 per warpgroup and query tile");
+  static_assert(kDqAccumRowMultiple % kBlockM == 0, "whole query tiles add into dq_accum");
+  static_assert(!(kDqSplitRows && (kDeferDq || kBulkDq)), "kWideQuery: dQ added right after its product");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
@@ -240,9 +252,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     }
     fence_accumulator(dq);
     wgmma_fence();
-    const int key_base = Traits::kDqSplitColumns ? 0 : wg * 64;
+    const int key_base = Traits::kDqSplitColumns || Traits::kDqSplitRows ? 0 : wg * 64;
     const uint32_t k_cols = Traits::kDqSplitColumns ? sK + wg * kKVBlock : sK;
-    const uint32_t ds_tile = sdS + st * Traits::kTiledSBytes;
+    // kDqSplitRows: this warpgroup's 64 queries are the 64-column block wg of dS^T.
+    const uint32_t ds_tile = sdS + st * Traits::kTiledSBytes + (Traits::kDqSplitRows ? wg * kKVBlock : 0);
 #pragma unroll
     for (int kk = 0; kk < Traits::kDqKSteps; ++kk) {
       const uint32_t rows = (key_base + kk * 16) * 128;
@@ -448,7 +461,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       fence_accumulator(dq);
       fence_operand(p_frag[0]);
       fence_operand(ds_frag[0]);
-      add_dq(dq, m0);
+      add_dq(dq, Traits::kDqSplitRows ? m0 + wg * 64 : m0);
     }
   }
   if constexpr (Traits::kDeferDq) {
