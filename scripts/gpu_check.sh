@@ -147,7 +147,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
     default_variants="16 8"
   elif [ "$kind" = sm90bwd ]; then
     macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh
-    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="9 8 5"
+    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="9 5 8"
     bench_args="--seqlens 1024,4096,16384"; column=fwd_bwd; tests="hopper_backward or backward_switch"
   else
     macros="FLASH_FWD_VARIANT_HDIM64"; dims=64; default_variants="0 1 2"
@@ -208,14 +208,14 @@ if [[ " $stages " == *" longkeys "* ]]; then
   done
 fi
 if [[ " $stages " == *" profile "* ]]; then
-  # Nsight Compute on the D = 128 backward (N = 4096), ours (the kernel the defaults pick: the wgmma one on
-  # sm_90) and SDPA's flash kernel (PROFILE_IMPLS="ours" skips it): the summary sections as text and the full
-  # reports (with source lines: the build has -lineinfo) to open in ncu-ui.
+  # Nsight Compute on the backward at N = 4096 and D = 128 (PROFILE_HEAD_DIM=64: D = 64), ours (the kernel the
+  # defaults pick: the wgmma one on sm_90) and SDPA's flash kernel (PROFILE_IMPLS="ours" skips it): the summary
+  # sections as text and the full reports (with source lines: the build has -lineinfo) to open in ncu-ui.
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   for impl in ${PROFILE_IMPLS:-ours sdpa}; do
     if [ $impl = ours ]; then kernel="regex:bwd_kernel|flash_bwd_sm90_kernel"; flag=""; else kernel=regex:flash_bwd_dq_dk_dv; flag=--sdpa; fi
     timeout 200 "$NCU" --kernel-name "$kernel" --launch-skip 1 --launch-count 1 --set full --import-source yes \
-      -f -o "$OUT/bwd_$impl" python3 scripts/profile_bwd.py --head-dim 128 --seqlen 4096 $flag > "/tmp/ncu_$impl.log" 2>&1
+      -f -o "$OUT/bwd_$impl" python3 scripts/profile_bwd.py --head-dim ${PROFILE_HEAD_DIM:-128} --seqlen 4096 $flag > "/tmp/ncu_$impl.log" 2>&1
     note "ncu $impl backward: rc=$?"
     "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --print-summary per-kernel > "$OUT/bwd_${impl}_summary.txt" 2>&1
     # Text to read without ncu-ui: every metric, and per-SASS-instruction samples and counts.

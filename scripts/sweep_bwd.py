@@ -99,6 +99,7 @@ def _child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env["FLASH_ATTN_DISABLE_PREBUILT"] = "1"  # a child loads its variant's library, never the installed one
+    env["FLASH_ATTN_BWD_WGMMA"] = "0"  # the swept kernel is the mma.sync backward, also on sm_90
     return env
 
 

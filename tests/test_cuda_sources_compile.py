@@ -79,7 +79,7 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
 # fwdtiles` builds one at a time: every non-default one compiles for sm_90a (the defaults are in the build
 # above).
 SM90_DEFAULT_VARIANT = {64: 8, 128: 15}  # FLASH_FWD_SM90_VARIANT_HDIM64 / _HDIM128
-BWD_SM90_DEFAULT_VARIANT = 5  # FLASH_BWD_SM90_VARIANT_HDIM64 and _HDIM128
+BWD_SM90_DEFAULT_VARIANT = {64: 8, 128: 5}  # FLASH_BWD_SM90_VARIANT_HDIM64 / _HDIM128
 KERNEL_CANDIDATES = (
     [("flash_fwd_hdim64_bf16", "FLASH_FWD_VARIANT_HDIM64", v) for v in (1, 2)]
     + [
@@ -90,9 +90,9 @@ KERNEL_CANDIDATES = (
     ]
     + [  # the wgmma backward's candidates (flash_bwd_sm90_kernel.cuh; `FWD_TILE_KERNEL=sm90bwd ... fwdtiles`)
         (f"flash_bwd_sm90_hdim{d}_bf16", f"FLASH_BWD_SM90_VARIANT_HDIM{d}", v)
-        for d in (64, 128)
-        for v in range(8)
-        if v != BWD_SM90_DEFAULT_VARIANT
+        for d, default in BWD_SM90_DEFAULT_VARIANT.items()
+        for v in range(11)
+        if v != default
     ]
 )
 
@@ -102,8 +102,8 @@ def test_sm90_default_variants_are_the_ones_named_here():
     for d, default in SM90_DEFAULT_VARIANT.items():
         assert f"#define FLASH_FWD_SM90_VARIANT_HDIM{d} {default}\n" in traits
     backward = (_build.CSRC / "cuda" / "flash_bwd_sm90_kernel.cuh").read_text()
-    for d in (64, 128):
-        assert f"#define FLASH_BWD_SM90_VARIANT_HDIM{d} {BWD_SM90_DEFAULT_VARIANT}\n" in backward
+    for d, default in BWD_SM90_DEFAULT_VARIANT.items():
+        assert f"#define FLASH_BWD_SM90_VARIANT_HDIM{d} {default}\n" in backward
 
 
 def test_kernel_candidates_compile_with_nvcc(tmp_path):

@@ -47,11 +47,11 @@ int bwd_min_smem_bytes(int64_t head_dim) {
   }
 }
 
-// The Hopper backward (flash_bwd_sm90_kernel.cuh) on sm_90 devices of a build with sm_90a code: by default
-// for head dim 128 (fwd+bwd 1.19-1.34x the mma.sync backward there, 0.94-1.05x at D = 64: docs/perf.md, v17);
-// FLASH_ATTN_BWD_WGMMA=1 for head dims 64 and 128, =0 never (the mma.sync backward).
+// The Hopper backward (flash_bwd_sm90_kernel.cuh) on sm_90 devices of a build with sm_90a code, for head dims 64
+// and 128 (fwd+bwd 1.19-1.34x the mma.sync backward at D = 128, docs/perf.md v17; 1.09-1.28x at D = 64, v18)
+// unless FLASH_ATTN_BWD_WGMMA=0 (the mma.sync backward everywhere).
 bool use_sm90_backward(const c10::Device& device, int64_t head_dim) {
-  const bool on = flash::env_flag(kOp, "FLASH_ATTN_BWD_WGMMA").value_or(head_dim == 128);
+  const bool on = flash::env_flag(kOp, "FLASH_ATTN_BWD_WGMMA").value_or(true);
 #ifdef FLASH_WITH_SM90A
   return on && (head_dim == 64 || head_dim == 128) && flash::compute_capability_major(device) == 9;
 #else

@@ -1,8 +1,9 @@
 // Hopper backward (sm_90a): the backward of flash_bwd_kernel.cuh with its five matrix products on warpgroup
-// MMAs (wgmma.cuh), and its launcher run_bwd_sm90. Head dims 64 and 128; the default at D = 128 (flash_bwd_api.cpp).
+// MMAs (wgmma.cuh), and its launcher run_bwd_sm90. Head dims 64 and 128, the default at both (flash_bwd_api.cpp).
 //
 // One block: kBlockN = 128 keys of one (batch, query head), two warpgroups of 64 keys each. K and V stay in
-// shared memory, dK and dV in fp32 registers; the block loops over the 64-query tiles that can see its keys
+// shared memory, dK and dV in fp32 registers; the block loops over the query tiles (64 queries; D = 64: 128) that
+// can see its keys
 // (Q and dO double-buffered by bulk tensor copies, lse and softmax_d by cp.async; candidates 0-4: all four by
 // cp.async). Per query tile and warpgroup (64 keys x 64 queries):
 //   S^T  = K Q^T, dP^T = V dO^T             wgmma, all operands K-major in swizzled shared memory;
@@ -14,8 +15,9 @@
 //          columns over its own 64 keys (both add into dq_accum);
 //   dQ  -> float4 atomics into dq_accum (fp32 in fragment order; candidates 0-2: float2 ones, row-major), scaled
 //          and rounded by bwd_convert_dq_kernel.
-// Masks as in flash_bwd_kernel.cuh. The default, candidate 5, issues the products of a tile, then waits for
-// them; 1 and 2 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap for other targets.
+// Masks as in flash_bwd_kernel.cuh. The defaults, candidates 5 (D = 128) and 8 (D = 64: 128-query tiles, dQ split
+// by query rows), issue the products of a tile, then wait for them; 1, 2, 6 and 9 overlap some of them with the
+// softmax (BwdSm90Traits). Compiled to a trap for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -66,9 +68,13 @@ namespace flash {
 //   8: at D = 64, 5 with 128-query tiles (kWideQuery): S^T and dP^T as m64n128 products (at n64 both operands
 //      of these shared-memory products take as many bytes per FLOP as the shared memory delivers), half the
 //      block barriers and dQ additions per query; dQ split by query rows, each warpgroup 64 queries over all
-//      128 keys. At D = 128 the same as 5 (S^T, dP^T, dK and dV would need 256 registers per thread);
+//      128 keys. At D = 128 the same as 5 (S^T, dP^T, dK and dV would need 256 registers per thread). fwd+bwd
+//      x 1.16-1.23 of 5 at D = 64, 1.09-1.28x the mma.sync backward (docs/perf.md, v18): the default at D = 64;
 //   9: 8 with S^T and dP^T in two commit groups (kSplitSdP, as 1): at D = 64 P^T of 64 x 128 is computed
-//      while dP^T is in flight; at D = 128, 5 with kSplitSdP.
+//      while dP^T is in flight; at D = 128, 5 with kSplitSdP (x 1.00-1.03 of 8 at D = 64, 0.98-1.01 of 5 at
+//      D = 128);
+//   10: 8 without the block barrier at the top of each tile (7's kMbarQuery with 128-query tiles; 129 arrivals per
+//      mbarrier, three Q / dO buffers and two dS^T stages: 192 KB at D = 64); at D = 128 the same as 7.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -79,8 +85,8 @@ struct BwdSm90Traits {
   static constexpr bool kBulkDq = kVariant == 3;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
-  static constexpr bool kMbarQuery = kVariant == 7 && kTmaQdo;
-  static constexpr bool kWideQuery = (kVariant == 8 || kVariant == 9) && kHeadDim_ == 64;
+  static constexpr bool kMbarQuery = (kVariant == 7 || kVariant == 10) && kTmaQdo;
+  static constexpr bool kWideQuery = kVariant >= 8 && kHeadDim_ == 64;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -114,7 +120,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 9, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 10, "no wgmma backward variant with this number");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
                 "the fragment order of dq_accum: 64 x 64 per warpgroup and query tile");
   static_assert(kDqAccumRowMultiple % kBlockM == 0, "whole query tiles add into dq_accum");
@@ -123,7 +129,7 @@ struct BwdSm90Traits {
                 "swizzled tiles start on 1024-byte boundaries");
 };
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM64
-#define FLASH_BWD_SM90_VARIANT_HDIM64 5
+#define FLASH_BWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM128
 #define FLASH_BWD_SM90_VARIANT_HDIM128 5
