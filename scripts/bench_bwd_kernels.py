@@ -14,7 +14,6 @@ import argparse
 import os
 
 import torch
-import triton
 
 import attention_backends as ab
 
@@ -28,6 +27,8 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def time_backward(batch: int, heads: int, seqlen: int, head_dim: int, causal: bool) -> dict[str, float]:
     """Microseconds of one backward call per kernel, for (B, H, N, N, D) inputs."""
+    import triton  # on the GPU machine only
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (
         torch.randn(batch, heads, seqlen, head_dim, generator=gen, device="cuda").to(torch.bfloat16)
@@ -48,28 +49,39 @@ def time_backward(batch: int, heads: int, seqlen: int, head_dim: int, causal: bo
     return times
 
 
-def main() -> None:
+HEADER = (
+    "| B | H | N | causal | 128-key blocks | mma.sync us | wgmma us | mma.sync TF/s | wgmma TF/s"
+    " | mma.sync / wgmma |\n|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+)
+
+
+def format_row(batch: int, heads: int, seqlen: int, head_dim: int, causal: bool, us: dict[str, float]) -> str:
+    """One table row from the microseconds of each kernel (time_backward)."""
+    flops = 2.5 * 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    tf = {name: flops / t / 1e6 for name, t in us.items()}
+    blocks = batch * heads * -(-seqlen // 128)
+    return (
+        f"| {batch} | {heads} | {seqlen} | {int(causal)} | {blocks} | {us['mma.sync']:.1f} | "
+        f"{us['wgmma']:.1f} | {tf['mma.sync']:.0f} | {tf['wgmma']:.0f} | {us['mma.sync'] / us['wgmma']:.2f} |"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--shapes", type=_shape, nargs="+", required=True, help="B,H,N each")
     parser.add_argument("--causal", default="0,1", help="0, 1 or 0,1")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     ab.load_extension()
-    print(
-        "| B | H | N | causal | 128-key blocks | mma.sync us | wgmma us | mma.sync TF/s | wgmma TF/s | mma.sync / wgmma |"
-    )
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print(HEADER)
     for batch, heads, seqlen in args.shapes:
         for causal in (bool(int(c)) for c in args.causal.split(",")):
             us = time_backward(batch, heads, seqlen, args.head_dim, causal)
-            flops = 2.5 * 4 * batch * heads * seqlen * seqlen * args.head_dim / (2 if causal else 1)
-            tf = {name: flops / t / 1e6 for name, t in us.items()}
-            blocks = batch * heads * -(-seqlen // 128)
-            print(
-                f"| {batch} | {heads} | {seqlen} | {int(causal)} | {blocks} | {us['mma.sync']:.1f} | "
-                f"{us['wgmma']:.1f} | {tf['mma.sync']:.0f} | {tf['wgmma']:.0f} | "
-                f"{us['mma.sync'] / us['wgmma']:.2f} |"
-            )
+            print(format_row(batch, heads, seqlen, args.head_dim, causal, us))
 
 
 if __name__ == "__main__":

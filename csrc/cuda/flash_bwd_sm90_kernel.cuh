@@ -2,22 +2,22 @@
 // MMAs (wgmma.cuh), and its launcher run_bwd_sm90. Head dims 64 and 128, the default at both (flash_bwd_api.cpp).
 //
 // One block: kBlockN = 128 keys of one (batch, query head), two warpgroups of 64 keys each. K and V stay in
-// shared memory, dK and dV in fp32 registers; the block loops over the query tiles (64 queries; D = 64: 128) that
-// can see its keys
-// (Q and dO double-buffered by bulk tensor copies, lse and softmax_d by cp.async; candidates 0-4: all four by
-// cp.async). Per query tile and warpgroup (64 keys x 64 queries):
+// shared memory, dK and dV in fp32 registers; the block loops over the query tiles of kBlockM queries (64; 128
+// at D = 64 by default) that can see its keys (Q and dO double-buffered by bulk tensor copies, lse and softmax_d
+// by cp.async; candidates 0-4: all four by cp.async). Per query tile and warpgroup (64 keys x kBlockM queries):
 //   S^T  = K Q^T, dP^T = V dO^T             wgmma, all operands K-major in swizzled shared memory;
 //   P^T  = exp2(S^T * scale_log2 - lse * log2e), 0 where masked; dS^T = P^T o (dP^T - softmax_d);
 //   dV  += P^T dO, dK += dS^T Q             wgmma with A = P^T / dS^T from registers, B = dO / Q MN-major;
 //   dS^T (bf16 / fp16) to shared memory, then, after a block barrier,
 //   dQ   = dS K                             wgmma with both operands MN-major (transposed on the way in):
-//          D = 128: each warpgroup 64 of the 128 columns over all 128 keys; D = 64: each warpgroup all
-//          columns over its own 64 keys (both add into dq_accum);
+//          D = 128: each warpgroup 64 of the 128 columns over all 128 keys; D = 64 with 128-query tiles: each
+//          warpgroup 64 of the queries over all 128 keys (with 64-query tiles: all of them over its own 64
+//          keys, both warpgroups adding into dq_accum);
 //   dQ  -> float4 atomics into dq_accum (fp32 in fragment order; candidates 0-2: float2 ones, row-major), scaled
 //          and rounded by bwd_convert_dq_kernel.
-// Masks as in flash_bwd_kernel.cuh. The defaults, candidates 5 (D = 128) and 8 (D = 64: 128-query tiles, dQ split
-// by query rows), issue the products of a tile, then wait for them; 1, 2, 6 and 9 overlap some of them with the
-// softmax (BwdSm90Traits). Compiled to a trap for other targets.
+// Masks as in flash_bwd_kernel.cuh. The defaults, candidates 5 (D = 128) and 8 (D = 64), issue the products of
+// a tile, then wait for them; 1, 2, 6, 9 and 12 overlap some of them with the softmax (BwdSm90Traits). Compiled
+// to a trap for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -58,7 +58,7 @@ namespace flash {
 //   5: 4 with Q and dO copied by bulk tensor copies (kTmaQdo, tma.cuh): thread 0 issues a query tile's copies
 //      once the block barrier says its buffer is free, each buffer on its own mbarrier; no per-thread copy
 //      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to cp.async when a
-//      tensor map of Q or dO cannot be made (run_bwd_sm90). x 1.09-1.12 / 1.13-1.19 of 0: the default;
+//      tensor map of Q or dO cannot be made (run_bwd_sm90). x 1.09-1.12 / 1.13-1.19 of 0: the default at D = 128;
 //   6: 5 with 2's schedule (S^T and dP^T in two commit groups, dQ of tile m issued under the softmax of tile
 //      m + 1, one block barrier per tile) (x 0.99-1.05 / 0.99-1.02 of 5);
 //   7: 5 without the block barrier at the top of each tile (kMbarQuery): lse and softmax_d complete on the
@@ -74,19 +74,27 @@ namespace flash {
 //      while dP^T is in flight; at D = 128, 5 with kSplitSdP (x 1.00-1.03 of 8 at D = 64, 0.98-1.01 of 5 at
 //      D = 128);
 //   10: 8 without the block barrier at the top of each tile (7's kMbarQuery with 128-query tiles; 129 arrivals per
-//      mbarrier, three Q / dO buffers and two dS^T stages: 192 KB at D = 64); at D = 128 the same as 7.
+//      mbarrier, three Q / dO buffers and two dS^T stages: 192 KB at D = 64); at D = 128 the same as 7
+//      (x 0.98-1.00 of 8 at D = 64, 0.99-1.04 of 5 at D = 128);
+//   11: 8 (D = 128: 5) with the softmax's column masking in a pass of its own behind a branch, taken on partial
+//      and diagonal tiles only, and dS^T after it (kMaskBranch). With the runtime test inside the loop ptxas
+//      predicates the masking, and in 8's profile those predicated-off instructions were 28 % of the
+//      instructions executed (docs/perf.md, v18). Compile-checked, not yet timed;
+//   12: 11 with S^T and dP^T in two commit groups (9's kSplitSdP). Compile-checked, not yet timed.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kSplitSdP = kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9;
+  static constexpr bool kSplitSdP =
+      kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12;
   static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6;
   static constexpr bool kBulkDq = kVariant == 3;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
   static constexpr bool kMbarQuery = (kVariant == 7 || kVariant == 10) && kTmaQdo;
   static constexpr bool kWideQuery = kVariant >= 8 && kHeadDim_ == 64;
+  static constexpr bool kMaskBranch = kVariant == 11 || kVariant == 12;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -120,7 +128,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 10, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 12, "no wgmma backward variant with this number");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
                 "the fragment order of dq_accum: 64 x 64 per warpgroup and query tile");
   static_assert(kDqAccumRowMultiple % kBlockM == 0, "whole query tiles add into dq_accum");
@@ -387,6 +395,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const float* lse = sLse + buf * kBlockM;
     const float* dsum = sDsum + buf * kBlockM;
     const bool col_mask = (m0 + kBlockM > Nq) || (causal && m0 + diag < n0 + kBlockN - 1);
+    // kMaskBranch: the column masking in a pass of its own behind a branch, taken on partial and diagonal tiles
+    // only, and dS^T after it; otherwise the runtime test inside the loop, which ptxas predicates, so its
+    // instructions issue on every tile (28 % of those 8 executed, docs/perf.md v18).
+    constexpr bool kDsLater = Traits::kSplitSdP || Traits::kMaskBranch;  // dS^T in the second loop below
 #pragma unroll
     for (int j = 0; j < NF; ++j) {
       const int c = j * 8 + 2 * t;  // queries c, c + 1 of the tile
@@ -397,17 +409,30 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int e = 0; e < 4; ++e) {
         float p = fast_exp2(fmaf(s[0][j][e], params.scale_log2, (e & 1) ? nl1 : nl0));
         if (!(e < 2 ? vis0 : vis1)) p = 0.f;
-        if (col_mask) {
+        if (!Traits::kMaskBranch && col_mask) {
           const int i = m0 + c + (e & 1), key = e < 2 ? j0 : j1;
           if (i >= Nq || (causal && key > i + diag)) p = 0.f;
         }
         s[0][j][e] = p;
-        if constexpr (!Traits::kSplitSdP) dp[0][j][e] = p * (dp[0][j][e] - ((e & 1) ? dd.y : dd.x));
+        if constexpr (!kDsLater) dp[0][j][e] = p * (dp[0][j][e] - ((e & 1) ? dd.y : dd.x));
       }
     }
-    if constexpr (Traits::kSplitSdP) {
-      wgmma_wait<kAfterDp>();
-      fence_accumulator(dp[0]);
+    if constexpr (Traits::kMaskBranch) {
+      if (col_mask) {
+#pragma unroll
+        for (int j = 0; j < NF; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = m0 + j * 8 + 2 * t + (e & 1), key = e < 2 ? j0 : j1;
+            if (i >= Nq || (causal && key > i + diag)) s[0][j][e] = 0.f;
+          }
+      }
+    }
+    if constexpr (kDsLater) {
+      if constexpr (Traits::kSplitSdP) {
+        wgmma_wait<kAfterDp>();
+        fence_accumulator(dp[0]);
+      }
 #pragma unroll
       for (int j = 0; j < NF; ++j) {
         const float2 dd = *reinterpret_cast<const float2*>(dsum + j * 8 + 2 * t);
