@@ -58,7 +58,7 @@ namespace flash {
 //   5: 4 with Q and dO copied by bulk tensor copies (kTmaQdo, tma.cuh): thread 0 issues a query tile's copies
 //      once the block barrier says its buffer is free, each buffer on its own mbarrier; no per-thread copy
 //      addresses and no proxy fence per tile (lse and softmax_d still by cp.async). Falls back to cp.async when a
-//      tensor map of Q or dO cannot be made (run_bwd_sm90). x 1.09-1.12 / 1.13-1.19 of 0: the default at D = 128;
+//      tensor map of Q or dO cannot be made (run_bwd_sm90). x 1.09-1.12 / 1.13-1.19 of 0;
 //   6: 5 with 2's schedule (S^T and dP^T in two commit groups, dQ of tile m issued under the softmax of tile
 //      m + 1, one block barrier per tile) (x 0.99-1.05 / 0.99-1.02 of 5);
 //   7: 5 without the block barrier at the top of each tile (kMbarQuery): lse and softmax_d complete on the
@@ -69,7 +69,7 @@ namespace flash {
 //      of these shared-memory products take as many bytes per FLOP as the shared memory delivers), half the
 //      block barriers and dQ additions per query; dQ split by query rows, each warpgroup 64 queries over all
 //      128 keys. At D = 128 the same as 5 (S^T, dP^T, dK and dV would need 256 registers per thread). fwd+bwd
-//      x 1.16-1.23 of 5 at D = 64, 1.09-1.28x the mma.sync backward (docs/perf.md, v18): the default at D = 64;
+//      x 1.16-1.23 of 5 at D = 64, 1.09-1.28x the mma.sync backward (docs/perf.md, v18);
 //   9: 8 with S^T and dP^T in two commit groups (kSplitSdP, as 1): at D = 64 P^T of 64 x 128 is computed
 //      while dP^T is in flight; at D = 128, 5 with kSplitSdP (x 1.00-1.03 of 8 at D = 64, 0.98-1.01 of 5 at
 //      D = 128);
@@ -79,8 +79,10 @@ namespace flash {
 //   11: 8 (D = 128: 5) with the softmax's column masking in a pass of its own behind a branch, taken on partial
 //      and diagonal tiles only, and dS^T after it (kMaskBranch). With the runtime test inside the loop ptxas
 //      predicates the masking, and in 8's profile those predicated-off instructions were 28 % of the
-//      instructions executed (docs/perf.md, v18). Compile-checked, not yet timed;
-//   12: 11 with S^T and dP^T in two commit groups (9's kSplitSdP). Compile-checked, not yet timed.
+//      instructions executed (docs/perf.md, v18). Backward alone x 1.01-1.02 of 8 at D = 64, 1.03-1.06 of 5 at
+//      D = 128 (docs/perf.md, v19): the default at D = 128;
+//   12: 11 with S^T and dP^T in two commit groups (9's kSplitSdP). Backward alone x 1.01-1.04 of 8 at D = 64
+//      (1.01-1.02 of 11; 12 bytes spilled), at D = 128 equal to 11: the default at D = 64.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -137,10 +139,10 @@ struct BwdSm90Traits {
                 "swizzled tiles start on 1024-byte boundaries");
 };
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM64
-#define FLASH_BWD_SM90_VARIANT_HDIM64 8
+#define FLASH_BWD_SM90_VARIANT_HDIM64 12
 #endif
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM128
-#define FLASH_BWD_SM90_VARIANT_HDIM128 5
+#define FLASH_BWD_SM90_VARIANT_HDIM128 11
 #endif
 template <int kHeadDim>
 using BwdSm90Config =
