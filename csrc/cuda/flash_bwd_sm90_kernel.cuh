@@ -82,21 +82,29 @@ namespace flash {
 //      instructions executed (docs/perf.md, v18). Backward alone x 1.01-1.02 of 8 at D = 64, 1.03-1.06 of 5 at
 //      D = 128 (docs/perf.md, v19): the default at D = 128;
 //   12: 11 with S^T and dP^T in two commit groups (9's kSplitSdP). Backward alone x 1.01-1.04 of 8 at D = 64
-//      (1.01-1.02 of 11; 12 bytes spilled), at D = 128 equal to 11: the default at D = 64.
+//      (1.01-1.02 of 11; 12 bytes spilled), at D = 128 equal to 11: the default at D = 64;
+//   13: 11 with the dQ reductions of tile m issued in tile m + 1, after its block barrier and its Q / dO wait
+//      (kLateDqAdd). A block barrier orders the thread's earlier global reductions, so ptxas makes every warp
+//      wait before it until the LSU has read its reductions' registers (32 KB of dQ per tile and block); in
+//      11's profile at D = 128 that wait was 10.7 % of the stall samples, and the barrier behind it 7.4 %
+//      (docs/perf.md, v19). Here the wait moves to the wgmma fence of S^T (each warp for its own reductions,
+//      no barrier behind it). Compile-checked, not yet timed;
+//   14: 12 with kLateDqAdd. Compile-checked, not yet timed.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kVariant = kVariant_;
   static constexpr bool kSplitSdP =
-      kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12;
+      kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12 || kVariant == 14;
   static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6;
   static constexpr bool kBulkDq = kVariant == 3;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
   static constexpr bool kMbarQuery = (kVariant == 7 || kVariant == 10) && kTmaQdo;
   static constexpr bool kWideQuery = kVariant >= 8 && kHeadDim_ == 64;
-  static constexpr bool kMaskBranch = kVariant == 11 || kVariant == 12;
+  static constexpr bool kMaskBranch = kVariant >= 11;
+  static constexpr bool kLateDqAdd = kVariant >= 13;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -130,7 +138,9 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 12, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 14, "no wgmma backward variant with this number");
+  static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
+                "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
                 "the fragment order of dq_accum: 64 x 64 per warpgroup and query tile");
   static_assert(kDqAccumRowMultiple % kBlockM == 0, "whole query tiles add into dq_accum");
@@ -323,6 +333,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   };
   auto ds_stage = [](int m) { return Traits::kdSStages == 2 ? m & 1 : 0; };
   DqAcc dq_deferred;  // kDeferDq: dQ of the previous tile, in flight across the next tile's softmax
+  DqAcc dq_late;      // kLateDqAdd: dQ of the previous tile, added past the next tile's top barrier
   if constexpr (Traits::kDeferDq) {
     // The stage the first tile's (dropped) dQ reads: zeros, published by the first tile's barrier.
     uint4* stage = reinterpret_cast<uint4*>(smem + Traits::kOffdS + ds_stage(m_begin - 1) * Traits::kTiledSBytes);
@@ -356,6 +367,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const uint32_t sQ = s0 + Traits::kOffQ + buf * Traits::kTileQBytes;
     const uint32_t sdO = s0 + Traits::kOffdO + buf * Traits::kTileQBytes;
     if constexpr (Traits::kTmaQdo) mbar_wait(bar_qdo + 8 * buf, uint32_t((m - m_begin) / Traits::kQBufs) & 1u);
+    if constexpr (Traits::kLateDqAdd) {  // the previous tile's dQ, past this tile's block barrier
+      if (m > m_begin) add_dq(dq_late, (m - 1) * kBlockM + (Traits::kDqSplitRows ? wg * 64 : 0));
+    }
 
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries per warpgroup); kSplitSdP: two commit groups;
     // kDeferDq: then dQ of tile m - 1.
@@ -494,8 +508,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       fence_accumulator(dq);
       fence_operand(p_frag[0]);
       fence_operand(ds_frag[0]);
-      add_dq(dq, Traits::kDqSplitRows ? m0 + wg * 64 : m0);
+      if constexpr (Traits::kLateDqAdd) {
+#pragma unroll
+        for (int j = 0; j < Traits::kDqCols / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dq_late[j][e] = dq[j][e];
+      } else {
+        add_dq(dq, Traits::kDqSplitRows ? m0 + wg * 64 : m0);
+      }
     }
+  }
+  if constexpr (Traits::kLateDqAdd) {
+    if (m_begin < m_end) add_dq(dq_late, (m_end - 1) * kBlockM + (Traits::kDqSplitRows ? wg * 64 : 0));
   }
   if constexpr (Traits::kDeferDq) {
     if (m_begin < m_end) {
