@@ -89,22 +89,27 @@ namespace flash {
 //      11's profile at D = 128 that wait was 10.7 % of the stall samples, and the barrier behind it 7.4 %
 //      (docs/perf.md, v19). Here the wait moves to the wgmma fence of S^T (each warp for its own reductions,
 //      no barrier behind it). Compile-checked, not yet timed;
-//   14: 12 with kLateDqAdd. Compile-checked, not yet timed.
+//   14: 12 with kLateDqAdd. Compile-checked, not yet timed;
+//   15: 12 with 3's dQ by bulk reductions (kBulkDq): each warpgroup stores its 64 x 64 part of dQ to shared memory
+//      (16 KB, fragment order) and one of its threads adds it to dq_accum with cp.reduce.async.bulk, so no thread
+//      holds registers for the LSU to read before the next block barrier; at D = 64 each warpgroup's part is its
+//      64 query rows. Compile-checked, not yet timed.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kVariant = kVariant_;
   static constexpr bool kSplitSdP =
-      kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12 || kVariant == 14;
+      kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12 || kVariant == 14 ||
+      kVariant == 15;
   static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6;
-  static constexpr bool kBulkDq = kVariant == 3;
+  static constexpr bool kBulkDq = kVariant == 3 || kVariant == 15;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
   static constexpr bool kMbarQuery = (kVariant == 7 || kVariant == 10) && kTmaQdo;
   static constexpr bool kWideQuery = kVariant >= 8 && kHeadDim_ == 64;
   static constexpr bool kMaskBranch = kVariant >= 11;
-  static constexpr bool kLateDqAdd = kVariant >= 13;
+  static constexpr bool kLateDqAdd = kVariant == 13 || kVariant == 14;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -130,21 +135,22 @@ struct BwdSm90Traits {
   static constexpr int kOffdS = kOffdO + kQBufs * kTileQBytes;
   static constexpr int kOffLse = kOffdS + kdSStages * kTiledSBytes;
   static constexpr int kOffDsum = kOffLse + kQBufs * kBlockM * 4;
-  static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one warpgroup's dQ (fp32), kBulkDq
-  static constexpr int kOffDq = (kOffDsum + kQBufs * kBlockM * 4 + 127) / 128 * 128;
+  static constexpr int kDqPartBytes = 64 * kDqCols * 4;  // one warpgroup's 64 x 64 dQ (fp32), kBulkDq
   static constexpr int kOffBar = kOffDsum + kQBufs * kBlockM * 4;  // kTmaQdo: one mbarrier per Q / dO buffer
-  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + (kTmaQdo ? 8 * kQBufs : 0);
+  static constexpr int kBarBytes = kTmaQdo ? 8 * kQBufs : 0;
+  static constexpr int kOffDq = (kOffBar + kBarBytes + 127) / 128 * 128;
+  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + kBarBytes;
   using WithoutTma = BwdSm90Traits<kHeadDim, kVariant, false>;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 14, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 15, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
                 "the fragment order of dq_accum: 64 x 64 per warpgroup and query tile");
   static_assert(kDqAccumRowMultiple % kBlockM == 0, "whole query tiles add into dq_accum");
-  static_assert(!(kDqSplitRows && (kDeferDq || kBulkDq)), "kWideQuery: dQ added right after its product");
+  static_assert(!(kDqSplitRows && kDeferDq), "kWideQuery: dQ added right after its product");
   static_assert(kOffV % 1024 == 0 && kOffQ % 1024 == 0 && kOffdO % 1024 == 0 && kOffdS % 1024 == 0,
                 "swizzled tiles start on 1024-byte boundaries");
 };
