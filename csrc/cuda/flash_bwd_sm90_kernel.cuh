@@ -93,7 +93,9 @@ namespace flash {
 //   15: 12 with 3's dQ by bulk reductions (kBulkDq): each warpgroup stores its 64 x 64 part of dQ to shared memory
 //      (16 KB, fragment order) and one of its threads adds it to dq_accum with cp.reduce.async.bulk, so no thread
 //      holds registers for the LSU to read before the next block barrier; at D = 64 each warpgroup's part is its
-//      64 query rows. Compile-checked, not yet timed.
+//      64 query rows. Compile-checked, not yet timed;
+//   16: 6 (dQ of tile m issued under the products of tile m + 1) with 11's masking pass, at both head dims with
+//      64-query tiles. Compile-checked, not yet timed.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -101,13 +103,13 @@ struct BwdSm90Traits {
   static constexpr int kVariant = kVariant_;
   static constexpr bool kSplitSdP =
       kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12 || kVariant == 14 ||
-      kVariant == 15;
-  static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6;
+      kVariant == 15 || kVariant == 16;
+  static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6 || kVariant == 16;
   static constexpr bool kBulkDq = kVariant == 3 || kVariant == 15;
   static constexpr bool kVecDq = kVariant >= 4;
   static constexpr bool kTmaQdo = kVariant >= 5 && kAllowTma;
   static constexpr bool kMbarQuery = (kVariant == 7 || kVariant == 10) && kTmaQdo;
-  static constexpr bool kWideQuery = kVariant >= 8 && kHeadDim_ == 64;
+  static constexpr bool kWideQuery = kVariant >= 8 && kVariant != 16 && kHeadDim_ == 64;
   static constexpr bool kMaskBranch = kVariant >= 11;
   static constexpr bool kLateDqAdd = kVariant == 13 || kVariant == 14;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
@@ -144,7 +146,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 15, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 16, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
