@@ -88,14 +88,15 @@ namespace flash {
 //      wait before it until the LSU has read its reductions' registers (32 KB of dQ per tile and block); in
 //      11's profile at D = 128 that wait was 10.7 % of the stall samples, and the barrier behind it 7.4 %
 //      (docs/perf.md, v19). Here the wait moves to the wgmma fence of S^T (each warp for its own reductions,
-//      no barrier behind it). Compile-checked, not yet timed;
-//   14: 12 with kLateDqAdd. Compile-checked, not yet timed;
+//      no barrier behind it). Not timed: 14, the same change on 12, ran at x 0.97-0.99 of 12 (docs/perf.md, v19),
+//      the drain moved onto each warp's own path before S^T;
+//   14: 12 with kLateDqAdd (x 0.97-0.99 of 12 at both head dims);
 //   15: 12 with 3's dQ by bulk reductions (kBulkDq): each warpgroup stores its 64 x 64 part of dQ to shared memory
 //      (16 KB, fragment order) and one of its threads adds it to dq_accum with cp.reduce.async.bulk, so no thread
 //      holds registers for the LSU to read before the next block barrier; at D = 64 each warpgroup's part is its
-//      64 query rows. Compile-checked, not yet timed;
+//      64 query rows (x 0.86-0.90 of 12: 64 KB more shared-memory traffic per tile, two warpgroup barriers);
 //   16: 6 (dQ of tile m issued under the products of tile m + 1) with 11's masking pass, at both head dims with
-//      64-query tiles. Compile-checked, not yet timed.
+//      64-query tiles (x 0.97-1.00 of 11 at D = 128; 48 bytes spilled).
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
