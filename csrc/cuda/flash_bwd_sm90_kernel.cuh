@@ -96,7 +96,12 @@ namespace flash {
 //      holds registers for the LSU to read before the next block barrier; at D = 64 each warpgroup's part is its
 //      64 query rows (x 0.86-0.90 of 12: 64 KB more shared-memory traffic per tile, two warpgroup barriers);
 //   16: 6 (dQ of tile m issued under the products of tile m + 1) with 11's masking pass, at both head dims with
-//      64-query tiles (x 0.97-1.00 of 11 at D = 128; 48 bytes spilled).
+//      64-query tiles (x 0.97-1.00 of 11 at D = 128; 48 bytes spilled);
+//   17: 11 with warp specialization (kWarpSpec; docs/perf.md, v19's plan): a third warpgroup whose warp 0 copies
+//      Q and dO (TMA) and lse and softmax_d into a two-buffer ring (full / empty mbarriers) and whose warp 1 adds
+//      dQ to dq_accum by bulk reductions from shared memory (dQ full / empty mbarriers); the two MMA warpgroups
+//      issue no copy and no global reduction and meet on a named barrier of 256 threads, two dS^T stages. The
+//      copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Compile-checked, not yet run.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -113,11 +118,13 @@ struct BwdSm90Traits {
   static constexpr bool kWideQuery = kVariant >= 8 && kVariant != 16 && kHeadDim_ == 64;
   static constexpr bool kMaskBranch = kVariant >= 11;
   static constexpr bool kLateDqAdd = kVariant == 13 || kVariant == 14;
+  static constexpr bool kWarpSpec = kVariant == 17 && kTmaQdo;  // without TMA: 11
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
   static constexpr int kBlockM = kWideQuery ? 128 : 64;  // queries per step
-  static constexpr int kNThreads = kBlockN / 64 * 128;
+  static constexpr int kMmaThreads = kBlockN / 64 * 128;  // the warpgroups that issue MMAs
+  static constexpr int kNThreads = kMmaThreads + (kWarpSpec ? 128 : 0);
   static constexpr int kNFragsS = kBlockM / 8;    // n8 fragments of S^T per thread
   static constexpr int kNFragsKV = kHeadDim / 8;  // of dK and dV
   // dQ: D = 128 splits its columns between the two warpgroups (64 each), D = 64 its keys (kWideQuery: its
@@ -126,7 +133,7 @@ struct BwdSm90Traits {
   static constexpr bool kDqSplitRows = kWideQuery;
   static constexpr int kDqCols = kDqSplitColumns ? 64 : kHeadDim;
   static constexpr int kDqKSteps = (kDqSplitColumns || kDqSplitRows ? kBlockN : 64) / 16;
-  static constexpr int kdSStages = kDeferDq || kMbarQuery ? 2 : 1;
+  static constexpr int kdSStages = kDeferDq || kMbarQuery || kWarpSpec ? 2 : 1;
 
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
@@ -139,15 +146,16 @@ struct BwdSm90Traits {
   static constexpr int kOffLse = kOffdS + kdSStages * kTiledSBytes;
   static constexpr int kOffDsum = kOffLse + kQBufs * kBlockM * 4;
   static constexpr int kDqPartBytes = 64 * kDqCols * 4;  // one warpgroup's 64 x 64 dQ (fp32), kBulkDq
-  static constexpr int kOffBar = kOffDsum + kQBufs * kBlockM * 4;  // kTmaQdo: one mbarrier per Q / dO buffer
-  static constexpr int kBarBytes = kTmaQdo ? 8 * kQBufs : 0;
+  // kTmaQdo: one mbarrier per Q / dO buffer; kWarpSpec: then one "buffer empty" per buffer, "dQ full", "dQ empty".
+  static constexpr int kOffBar = kOffDsum + kQBufs * kBlockM * 4;
+  static constexpr int kBarBytes = kWarpSpec ? 8 * (2 * kQBufs + 2) : kTmaQdo ? 8 * kQBufs : 0;
   static constexpr int kOffDq = (kOffBar + kBarBytes + 127) / 128 * 128;
-  static constexpr int kSmemBytes = kBulkDq ? kOffDq + 2 * kDqPartBytes : kOffBar + kBarBytes;
+  static constexpr int kSmemBytes = kBulkDq || kWarpSpec ? kOffDq + 2 * kDqPartBytes : kOffBar + kBarBytes;
   using WithoutTma = BwdSm90Traits<kHeadDim, kVariant, false>;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 16, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 17, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
@@ -221,30 +229,41 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // kTmaQdo: buffer buf's mbarrier; query tile m is use (m - m_begin) / kQBufs of its buffer's barrier. Its
   // arrivals: thread 0's (with the bytes of Q and dO), and kMbarQuery: those of the threads copying lse and
   // softmax_d, once their copies have landed.
+  // kWarpSpec: bar_empty + 8 buf: buffer buf read by every MMA thread (kMmaThreads arrivals); bar_dq_full: the
+  // tile's dQ in shared memory (kMmaThreads arrivals); bar_dq_empty: read by the bulk reductions (1 arrival).
   const uint32_t bar_qdo = s0 + Traits::kOffBar;
+  const uint32_t bar_empty = bar_qdo + 8 * Traits::kQBufs;
+  const uint32_t bar_dq_full = bar_empty + 8 * Traits::kQBufs, bar_dq_empty = bar_dq_full + 8;
   if constexpr (Traits::kTmaQdo) {
     if (tid == 0) {
 #pragma unroll
       for (int i = 0; i < Traits::kQBufs; ++i) mbar_init(bar_qdo + 8 * i, Traits::kMbarQuery ? 1 + kBlockM : 1);
+      if constexpr (Traits::kWarpSpec) {
+#pragma unroll
+        for (int i = 0; i < Traits::kQBufs; ++i) mbar_init(bar_empty + 8 * i, Traits::kMmaThreads);
+        mbar_init(bar_dq_full, Traits::kMmaThreads);
+        mbar_init(bar_dq_empty, 1);
+      }
       fence_mbar_init();
     }
     __syncthreads();
   }
   // Q, dO, lse and softmax_d of query tile m into buffer buf (rows past Nq zero-filled); kTmaQdo: Q and dO
   // by thread 0's bulk tensor copies, 64 columns each.
+  auto tma_query_tile = [&](int m0, int buf) {  // one thread
+    const uint32_t bar = bar_qdo + 8 * buf;
+    mbar_arrive_expect_tx(bar, 2 * Traits::kTileQBytes);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb) {
+      tma_load_4d(s0 + Traits::kOffQ + buf * Traits::kTileQBytes + cb * kQBlock, &maps.q, bar, cb * 64, m0, h, b);
+      tma_load_4d(s0 + Traits::kOffdO + buf * Traits::kTileQBytes + cb * kQBlock, &maps.dout, bar, cb * 64, m0, h,
+                  b);
+    }
+  };
   auto load_query_tile = [&](int m, int buf) {
     const int m0 = m * kBlockM;
     if constexpr (Traits::kTmaQdo) {
-      if (tid == 0) {
-        const uint32_t bar = bar_qdo + 8 * buf;
-        mbar_arrive_expect_tx(bar, 2 * Traits::kTileQBytes);
-#pragma unroll
-        for (int cb = 0; cb < D / 64; ++cb) {
-          tma_load_4d(s0 + Traits::kOffQ + buf * Traits::kTileQBytes + cb * kQBlock, &maps.q, bar, cb * 64, m0, h, b);
-          tma_load_4d(s0 + Traits::kOffdO + buf * Traits::kTileQBytes + cb * kQBlock, &maps.dout, bar, cb * 64, m0,
-                      h, b);
-        }
-      }
+      if (tid == 0) tma_query_tile(m0, buf);
     } else {
       load_tile<kBlockM, D, kNThreads>(s0 + Traits::kOffQ + buf * Traits::kTileQBytes, gq, params.q_stride.row, m0,
                                        Nq - m0, tid, params.q);
@@ -259,9 +278,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     }
   };
 
-  load_tile<kBlockN, D, kNThreads>(sK, gk, params.k_stride.row, n0, Nk - n0, tid, params.k);
-  load_tile<kBlockN, D, kNThreads>(sV, gv, params.v_stride.row, n0, Nk - n0, tid, params.v);
-  if (m_begin < m_end) load_query_tile(m_begin, 0);
+  constexpr int kMmaThreads = Traits::kMmaThreads;
+  if (!Traits::kWarpSpec || tid < kMmaThreads) {  // kWarpSpec: K and V by the MMA warpgroups
+    load_tile<kBlockN, D, kMmaThreads>(sK, gk, params.k_stride.row, n0, Nk - n0, tid, params.k);
+    load_tile<kBlockN, D, kMmaThreads>(sV, gv, params.v_stride.row, n0, Nk - n0, tid, params.v);
+  }
+  if (!Traits::kWarpSpec && m_begin < m_end) load_query_tile(m_begin, 0);
   cp_async_commit();
 
   float dk[Traits::kNFragsKV][4], dv[Traits::kNFragsKV][4];
@@ -311,14 +333,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                      : gdq + int64_t(wwarp * 16 + g) * D + (Traits::kDqSplitColumns ? wg * 64 : 0) + 2 * t;
   const uint32_t sdq_part = s0 + Traits::kOffDq + wg * Traits::kDqPartBytes;
   const uint32_t sdq_thread = sdq_part + (wwarp * 8 * 32 + lane) * 16;
+  auto stage_dq = [&](const DqAcc& dq) {  // this thread's dQ into the warpgroup's part, fragment order
+#pragma unroll
+    for (int j = 0; j < Traits::kDqCols / 8; ++j)
+      st_shared_f32x4(sdq_thread + j * 32 * 16, dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
+  };
   auto add_dq = [&](const DqAcc& dq, int row0) {  // row0: the tile's first query
     if constexpr (Traits::kBulkDq) {
       const bool issuer = tid % 128 == 0;
       if (issuer) bulk_wait_read<0>();  // the previous tile's reduction has read the buffer
       warpgroup_barrier(wg);
-#pragma unroll
-      for (int j = 0; j < Traits::kDqCols / 8; ++j)
-        st_shared_f32x4(sdq_thread + j * 32 * 16, dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
+      stage_dq(dq);
       fence_proxy_async();
       warpgroup_barrier(wg);
       if (issuer) {
@@ -349,11 +374,48 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int i = tid; i < Traits::kTiledSBytes / 16; i += kNThreads) stage[i] = make_uint4(0, 0, 0, 0);
   }
 
-  if constexpr (Traits::kMbarQuery) {
+  if constexpr (Traits::kMbarQuery || Traits::kWarpSpec) {
     // K and V (cp.async) seen by every thread and the MMAs' proxy; the query tiles come on their mbarriers.
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
+  }
+  if constexpr (Traits::kWarpSpec) {
+    if (wg == kMmaThreads / 128) {  // the copy warpgroup
+      setmaxnreg_dec<24>();
+      if (wwarp == 0) {
+        // Q and dO (lane 0, TMA) and lse and softmax_d (every lane, zeros past Nq) of each query tile into its
+        // buffer, once the MMA warpgroups have released the buffer's previous tile.
+        float* lse_buf = reinterpret_cast<float*>(smem + Traits::kOffLse);
+        float* dsum_buf = reinterpret_cast<float*>(smem + Traits::kOffDsum);
+        for (int m = m_begin; m < m_end; ++m) {
+          const int k = m - m_begin, buf = k % Traits::kQBufs, use = k / Traits::kQBufs, m0 = m * kBlockM;
+          if (use > 0) mbar_wait(bar_empty + 8 * buf, uint32_t(use - 1) & 1u);
+          for (int r = lane; r < kBlockM; r += 32) {
+            const bool ok = m0 + r < Nq;
+            lse_buf[buf * kBlockM + r] = ok ? glse[m0 + r] : 0.f;
+            dsum_buf[buf * kBlockM + r] = ok ? gdsum[m0 + r] : 0.f;
+          }
+          __syncwarp();  // the lanes' stores before lane 0's arrival (a release) on the buffer's barrier
+          if (lane == 0) tma_query_tile(m0, buf);
+        }
+      } else if (wwarp == 1 && lane == 0) {
+        // dQ of each tile, both warpgroups' 64 x 64 parts, into dq_accum (fragment order) by bulk reductions.
+        for (int m = m_begin; m < m_end; ++m) {
+          mbar_wait(bar_dq_full, uint32_t(m - m_begin) & 1u);
+#pragma unroll
+          for (int part = 0; part < 2; ++part)
+            bulk_reduce_add_f32(gdq + int64_t(m) * kBlockM * D + part * 64 * 64,
+                                s0 + Traits::kOffDq + part * Traits::kDqPartBytes, Traits::kDqPartBytes);
+          bulk_commit();
+          bulk_wait_read<0>();
+          mbar_arrive(bar_dq_empty);
+        }
+        bulk_wait<0>();
+      }
+      return;
+    }
+    setmaxnreg_inc<240>();
   }
   for (int m = m_begin; m < m_end; ++m) {
     const int buf = (m - m_begin) % Traits::kQBufs;
@@ -361,7 +423,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // Buffer (m + 1) % 3 and dS^T stage m % 2 were last read in tile m - 2, which both warpgroups finished
       // before the dQ barrier of tile m - 1 that this thread has passed.
       if (m + 1 < m_end) load_query_tile(m + 1, (buf + 1) % Traits::kQBufs);
-    } else {
+    } else if constexpr (!Traits::kWarpSpec) {  // kWarpSpec: the copy warpgroup fills the buffers
       cp_async_wait<0>();
       // cp.async writes (K and V; Q and dO without kTmaQdo) seen by the MMAs' proxy.
       if (!Traits::kTmaQdo || m == m_begin) fence_proxy_async();
@@ -507,7 +569,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       fence_operand(p_frag[0]);
       fence_operand(ds_frag[0]);
     } else {
-      __syncthreads();  // dS^T of both warpgroups stored
+      // dS^T of both warpgroups stored (kWarpSpec: the stage tile m + 1 writes was last read by the dQ of tile
+      // m - 1, before this barrier of tile m)
+      if constexpr (Traits::kWarpSpec) {
+        mma_warpgroups_barrier<kMmaThreads>();
+      } else {
+        __syncthreads();
+      }
       DqAcc dq;
       issue_dq(dq, ds_stage(m));
       wgmma_commit();
@@ -517,7 +585,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       fence_accumulator(dq);
       fence_operand(p_frag[0]);
       fence_operand(ds_frag[0]);
-      if constexpr (Traits::kLateDqAdd) {
+      if constexpr (Traits::kWarpSpec) {
+        mbar_arrive(bar_empty + 8 * buf);  // Q, dO (dK, dV waited for), lse and softmax_d of the buffer read
+        // dQ to shared memory once the previous tile's reductions have read it; the dQ warp adds it.
+        if (m > m_begin) mbar_wait(bar_dq_empty, uint32_t(m - m_begin - 1) & 1u);
+        stage_dq(dq);
+        fence_proxy_async();
+        mbar_arrive(bar_dq_full);
+      } else if constexpr (Traits::kLateDqAdd) {
 #pragma unroll
         for (int j = 0; j < Traits::kDqCols / 8; ++j)
 #pragma unroll

@@ -47,6 +47,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// One arrival of this thread on bar (release: its earlier shared-memory accesses come before the phase
+// completes for the threads that wait on it).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 // An arrival on bar once every cp.async this thread issued before has landed; counted against the arrivals
 // the barrier was initialised with (.noinc).
 __device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {

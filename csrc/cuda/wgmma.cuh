@@ -78,6 +78,22 @@ __device__ __forceinline__ void fence_proxy_async() {
 __device__ __forceinline__ void warpgroup_barrier(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
 }
+// The threads of the MMA warpgroups (kMmaThreads, from warp 0) meet, apart from any other warpgroup (named
+// barrier 3).
+template <int kThreads>
+__device__ __forceinline__ void mma_warpgroups_barrier() {
+  asm volatile("bar.sync 3, %0;\n" ::"n"(kThreads) : "memory");
+}
+// Registers per thread of this warpgroup from here on (every warp of the warpgroup executes it): a warpgroup
+// that only copies gives registers back (dec), the ones that issue MMAs take them (inc).
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 __device__ __forceinline__ void st_shared_f32x4(uint32_t addr, float x, float y, float z, float w) {
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
 }
