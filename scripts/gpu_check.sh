@@ -137,7 +137,9 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   # (FwdVariant<64, v> in csrc/cuda/kernel_traits.h); sm90: the wgmma forward's candidates for D = 64 and 128
   # (FwdSm90Variant<D, v>; candidate v for both head dims); sm90bwd: the wgmma backward's (BwdSm90Traits<D, v>
   # in csrc/cuda/flash_bwd_sm90_kernel.cuh, timed fwd+bwd with FLASH_ATTN_BWD_WGMMA=1). FWD_VARIANTS="..."
-  # picks them; FWD_TILE_TESTS=1 runs each tree's tests of that kernel too.
+  # picks them; FWD_TILE_TESTS=1 runs each tree's tests of that kernel too. sm90bwd also times both backward
+  # kernels alone in each tree (FWD_TILE_BWD_ALONE=0 skips it; BWD_ALONE_SHAPES="B,H,N ..."), and
+  # FWD_TILE_SANITIZE_PARTS="sm90bwd" runs the sanitizers over those parts in the first candidate's tree.
   kind=${FWD_TILE_KERNEL:-sm80}; header=csrc/cuda/kernel_traits.h; env="FLASH_ATTN_FWD_WGMMA=0"
   bench_args="--seqlens 1024,4096,8192,16384 --fwd-only"; column=fwd
   tests="one_pass_forward_kernels or hopper_forward or small_grids"
@@ -180,6 +182,26 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
     note "mma.sync backward (tree of variant $last_variant): rc=$?"; grep -E "^\|" "$OUT/bwd_mma_sync.log" >> "$summary"
   fi
   python3 scripts/compare_fwd_variants.py "$OUT" --base "$last_variant" --column $column >> "$summary" 2>&1
+  if [ "$kind" = sm90bwd ] && [ "${FWD_TILE_BWD_ALONE:-1}" = 1 ]; then
+    # Both backward kernels alone in each tree, replayed from a CUDA graph, then the candidates side by side.
+    for v in ${FWD_VARIANTS:-$default_variants}; do
+      for d in ${dims//,/ }; do
+        ( cd /tmp/fwd_variant_$v && PYTHONPATH=/tmp/fwd_variant_$v:$PYTHONPATH timeout 90 python3 \
+            scripts/bench_bwd_kernels.py --head-dim $d --shapes ${BWD_ALONE_SHAPES:-16,16,1024 4,16,4096 1,16,16384} \
+            --causal 0,1 ) > "$OUT/bwd_alone_${v}_$d.log" 2>&1
+        note "backward alone, variant $v, D = $d (scripts/bench_bwd_kernels.py): rc=$?"
+      done
+    done
+    python3 scripts/compare_bwd_alone.py "$OUT" --base "$last_variant" >> "$summary" 2>&1
+  fi
+  if [ -n "${FWD_TILE_SANITIZE_PARTS:-}" ]; then
+    # memcheck, racecheck and synccheck over those parts (scripts/sanitizer_case.py) in the first candidate's tree.
+    first_variant=$(echo ${FWD_VARIANTS:-$default_variants} | awk '{print $1}')
+    ( cd /tmp/fwd_variant_$first_variant && SANITIZE_PARTS="$FWD_TILE_SANITIZE_PARTS" \
+        OUT="$OUT/sanitize_$first_variant" bash scripts/gpu_check.sh sanitize ) > /dev/null 2>&1
+    note "sanitizers in the tree of variant $first_variant ($FWD_TILE_SANITIZE_PARTS):"
+    tail -n +2 "$OUT/sanitize_$first_variant/summary.txt" >> "$summary"
+  fi
   tail -4 "$summary"
 fi
 if [[ " $stages " == *" errsweep "* ]]; then
