@@ -15,9 +15,10 @@
 //          keys, both warpgroups adding into dq_accum);
 //   dQ  -> float4 atomics into dq_accum (fp32 in fragment order; candidates 0-2: float2 ones, row-major), scaled
 //          and rounded by bwd_convert_dq_kernel.
-// Masks as in flash_bwd_kernel.cuh. The defaults, candidates 5 (D = 128) and 8 (D = 64), issue the products of
-// a tile, then wait for them; 1, 2, 6, 9 and 12 overlap some of them with the softmax (BwdSm90Traits). Compiled
-// to a trap for other targets.
+// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 11 (D = 128) and 12 (D = 64), mask in a pass of
+// their own that only partial and diagonal tiles take. 11 issues the products of a tile, then waits for them;
+// 1, 2, 6, 9, 12 and 14-16 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap for other
+// targets.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -145,7 +146,7 @@ struct BwdSm90Traits {
   static constexpr int kOffdS = kOffdO + kQBufs * kTileQBytes;
   static constexpr int kOffLse = kOffdS + kdSStages * kTiledSBytes;
   static constexpr int kOffDsum = kOffLse + kQBufs * kBlockM * 4;
-  static constexpr int kDqPartBytes = 64 * kDqCols * 4;  // one warpgroup's 64 x 64 dQ (fp32), kBulkDq
+  static constexpr int kDqPartBytes = 64 * kDqCols * 4;  // one warpgroup's 64 x 64 dQ (fp32), kBulkDq / kWarpSpec
   // kTmaQdo: one mbarrier per Q / dO buffer; kWarpSpec: then one "buffer empty" per buffer, "dQ full", "dQ empty".
   static constexpr int kOffBar = kOffDsum + kQBufs * kBlockM * 4;
   static constexpr int kBarBytes = kWarpSpec ? 8 * (2 * kQBufs + 2) : kTmaQdo ? 8 * kQBufs : 0;

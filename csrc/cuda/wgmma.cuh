@@ -79,7 +79,7 @@ __device__ __forceinline__ void warpgroup_barrier(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
 }
 // The threads of the MMA warpgroups (kMmaThreads, from warp 0) meet, apart from any other warpgroup (named
-// barrier 3).
+// barrier 3; warpgroup_barrier takes 1 and 2 in a block of two warpgroups).
 template <int kThreads>
 __device__ __forceinline__ void mma_warpgroups_barrier() {
   asm volatile("bar.sync 3, %0;\n" ::"n"(kThreads) : "memory");
