@@ -102,7 +102,9 @@ namespace flash {
 //      Q and dO (TMA) and lse and softmax_d into a two-buffer ring (full / empty mbarriers) and whose warp 1 adds
 //      dQ to dq_accum by bulk reductions from shared memory (dQ full / empty mbarriers); the two MMA warpgroups
 //      issue no copy and no global reduction and meet on a named barrier of 256 threads, two dS^T stages. The
-//      copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Compile-checked, not yet run.
+//      copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Backward alone x 1.00-1.08 of 11 at
+//      D = 128, 0.94-1.04 at D = 64 (slower at 1k queries, faster from 4k);
+//   18: 17 with S^T and dP^T in two commit groups (12's kSplitSdP): 17 for D = 64's short sequences.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -110,7 +112,7 @@ struct BwdSm90Traits {
   static constexpr int kVariant = kVariant_;
   static constexpr bool kSplitSdP =
       kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12 || kVariant == 14 ||
-      kVariant == 15 || kVariant == 16;
+      kVariant == 15 || kVariant == 16 || kVariant == 18;
   static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6 || kVariant == 16;
   static constexpr bool kBulkDq = kVariant == 3 || kVariant == 15;
   static constexpr bool kVecDq = kVariant >= 4;
@@ -119,7 +121,7 @@ struct BwdSm90Traits {
   static constexpr bool kWideQuery = kVariant >= 8 && kVariant != 16 && kHeadDim_ == 64;
   static constexpr bool kMaskBranch = kVariant >= 11;
   static constexpr bool kLateDqAdd = kVariant == 13 || kVariant == 14;
-  static constexpr bool kWarpSpec = kVariant == 17 && kTmaQdo;  // without TMA: 11
+  static constexpr bool kWarpSpec = (kVariant == 17 || kVariant == 18) && kTmaQdo;  // without TMA: 11, 12
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -156,7 +158,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 17, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 18, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
