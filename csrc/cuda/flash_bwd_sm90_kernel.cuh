@@ -14,11 +14,13 @@
 //          warpgroup 64 of the queries over all 128 keys (with 64-query tiles: all of them over its own 64
 //          keys, both warpgroups adding into dq_accum);
 //   dQ  -> float4 atomics into dq_accum (fp32 in fragment order; candidates 0-2: float2 ones, row-major), scaled
-//          and rounded by bwd_convert_dq_kernel.
-// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 11 (D = 128) and 12 (D = 64), mask in a pass of
-// their own that only partial and diagonal tiles take. 11 issues the products of a tile, then waits for them;
-// 1, 2, 6, 9, 12 and 14-16 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap for other
-// targets.
+//          and rounded by bwd_convert_dq_kernel. The default at D = 128, candidate 17, is warp-specialized: a third
+//          warpgroup copies Q, dO, lse and softmax_d in and adds dQ from shared memory by bulk reductions, so
+//          the two MMA warpgroups (240 registers each, setmaxnreg) issue only products and the softmax.
+// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 17 (D = 128) and 12 (D = 64), mask in a pass of
+// their own that only partial and diagonal tiles take. 11 and 17 issue the products of a tile, then wait for
+// them; 1, 2, 6, 9, 12, 14-16 and 18 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap
+// for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -81,7 +83,7 @@ namespace flash {
 //      and diagonal tiles only, and dS^T after it (kMaskBranch). With the runtime test inside the loop ptxas
 //      predicates the masking, and in 8's profile those predicated-off instructions were 28 % of the
 //      instructions executed (docs/perf.md, v18). Backward alone x 1.01-1.02 of 8 at D = 64, 1.03-1.06 of 5 at
-//      D = 128 (docs/perf.md, v19): the default at D = 128;
+//      D = 128 (docs/perf.md, v19); the default at D = 128 until 17;
 //   12: 11 with S^T and dP^T in two commit groups (9's kSplitSdP). Backward alone x 1.01-1.04 of 8 at D = 64
 //      (1.01-1.02 of 11; 12 bytes spilled), at D = 128 equal to 11: the default at D = 64;
 //   13: 11 with the dQ reductions of tile m issued in tile m + 1, after its block barrier and its Q / dO wait
@@ -102,9 +104,11 @@ namespace flash {
 //      Q and dO (TMA) and lse and softmax_d into a two-buffer ring (full / empty mbarriers) and whose warp 1 adds
 //      dQ to dq_accum by bulk reductions from shared memory (dQ full / empty mbarriers); the two MMA warpgroups
 //      issue no copy and no global reduction and meet on a named barrier of 256 threads, two dS^T stages. The
-//      copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Backward alone x 1.00-1.08 of 11 at
-//      D = 128, 0.94-1.04 at D = 64 (slower at 1k queries, faster from 4k);
-//   18: 17 with S^T and dP^T in two commit groups (12's kSplitSdP): 17 for D = 64's short sequences.
+//      copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Backward alone x 1.00-1.09 of 11 / 12
+//      at D = 128 (two calls), 0.94-1.04 of 12 at D = 64 (slower at 1k queries, faster from 4k) (docs/perf.md,
+//      v20): the default at D = 128;
+//   18: 17 with S^T and dP^T in two commit groups (12's kSplitSdP): backward alone x 0.94-1.05 of 12 at D = 64,
+//      0.98-1.07 at D = 128, no better than 17 at either.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -172,7 +176,7 @@ struct BwdSm90Traits {
 #define FLASH_BWD_SM90_VARIANT_HDIM64 12
 #endif
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM128
-#define FLASH_BWD_SM90_VARIANT_HDIM128 11
+#define FLASH_BWD_SM90_VARIANT_HDIM128 17
 #endif
 template <int kHeadDim>
 using BwdSm90Config =
