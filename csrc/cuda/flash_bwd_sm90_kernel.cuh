@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   // kTmaQdo: buffer buf's mbarrier; query tile m is use (m - m_begin) / kQBufs of its buffer's barrier. Its
   // arrivals: thread 0's (with the bytes of Q and dO), and kMbarQuery: those of the threads copying lse and
-  // softmax_d, once their copies have landed (kWarpSpec: the copy warp's 32 lanes).
+  // softmax_d, once their copies have landed (kWarpSpec: the 32 lanes of the warp that stores them).
   // kWarpSpec: bar_empty + 8 buf: buffer buf read by every MMA thread (kMmaThreads arrivals); bar_dq_full: the
   // tile's dQ in shared memory (kMmaThreads arrivals); bar_dq_empty: read by the bulk reductions (1 arrival).
   const uint32_t bar_qdo = s0 + Traits::kOffBar;
@@ -391,22 +391,32 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if constexpr (Traits::kWarpSpec) {
     if (wg == kMmaThreads / 128) {  // the copy warpgroup
       setmaxnreg_dec<24>();
+      // Warp 0, lane 0: Q and dO of each query tile by TMA into its buffer, once the MMA warpgroups have released
+      // the buffer's previous tile; warp 2: lse and softmax_d (zeros past Nq), each lane arriving on the buffer's
+      // barrier after its own stores (33 arrivals: these 32 and lane 0's, which carries the bytes of Q and dO);
+      // warp 1, lane 0: dQ.
       if (wwarp == 0) {
-        // Q and dO (lane 0, TMA) and lse and softmax_d (every lane by cp.async, zeros past Nq) of each query
-        // tile into its buffer, once the MMA warpgroups have released the buffer's previous tile. Each lane's
-        // copies arrive on the buffer's barrier once they have landed.
+        if (lane == 0) {
+          for (int m = m_begin; m < m_end; ++m) {
+            const int k = m - m_begin, buf = k % Traits::kQBufs, use = k / Traits::kQBufs;
+            if (use > 0) mbar_wait(bar_empty + 8 * buf, uint32_t(use - 1) & 1u);
+            tma_query_tile(m * kBlockM, buf);
+          }
+        }
+      } else if (wwarp == 2) {
+        float* lse_buf = reinterpret_cast<float*>(smem + Traits::kOffLse);
+        float* dsum_buf = reinterpret_cast<float*>(smem + Traits::kOffDsum);
         for (int m = m_begin; m < m_end; ++m) {
           const int k = m - m_begin, buf = k % Traits::kQBufs, use = k / Traits::kQBufs, m0 = m * kBlockM;
           if (use > 0) mbar_wait(bar_empty + 8 * buf, uint32_t(use - 1) & 1u);
+#pragma unroll
           for (int r = lane; r < kBlockM; r += 32) {
             const bool ok = m0 + r < Nq;
-            cp_async_4(s0 + Traits::kOffLse + (buf * kBlockM + r) * 4, ok ? glse + m0 + r : glse, ok);
-            cp_async_4(s0 + Traits::kOffDsum + (buf * kBlockM + r) * 4, ok ? gdsum + m0 + r : gdsum, ok);
+            lse_buf[buf * kBlockM + r] = ok ? glse[m0 + r] : 0.f;
+            dsum_buf[buf * kBlockM + r] = ok ? gdsum[m0 + r] : 0.f;
           }
-          cp_async_mbar_arrive_noinc(bar_qdo + 8 * buf);
-          if (lane == 0) tma_query_tile(m0, buf);
+          mbar_arrive(bar_qdo + 8 * buf);
         }
-        cp_async_wait<0>();
       } else if (wwarp == 1 && lane == 0) {
         // dQ of each tile, both warpgroups' 64 x 64 parts, into dq_accum (fragment order) by bulk reductions.
         for (int m = m_begin; m < m_end; ++m) {
