@@ -101,12 +101,12 @@ namespace flash {
 //   16: 6 (dQ of tile m issued under the products of tile m + 1) with 11's masking pass, at both head dims with
 //      64-query tiles (x 0.97-1.00 of 11 at D = 128; 48 bytes spilled);
 //   17: 11 with warp specialization (kWarpSpec; docs/perf.md, v19's plan): a third warpgroup whose warp 0 copies
-//      Q and dO (TMA) and lse and softmax_d into a two-buffer ring (full / empty mbarriers) and whose warp 1 adds
-//      dQ to dq_accum by bulk reductions from shared memory (dQ full / empty mbarriers); the two MMA warpgroups
-//      issue no copy and no global reduction and meet on a named barrier of 256 threads, two dS^T stages. The
-//      copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Backward alone x 1.00-1.09 of 11 / 12
-//      at D = 128 (two calls), 0.94-1.04 of 12 at D = 64 (slower at 1k queries, faster from 4k) (docs/perf.md,
-//      v20): the default at D = 128;
+//      Q and dO (TMA) and warp 2 lse and softmax_d into a two-buffer ring (full / empty mbarriers), and whose
+//      warp 1 adds dQ to dq_accum by bulk reductions from shared memory (dQ full / empty mbarriers); the two
+//      MMA warpgroups issue no copy and no global reduction and meet on a named barrier of 256 threads, two dS^T
+//      stages. The copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Backward alone x 1.00-1.09
+//      of 11 / 12 at D = 128 (two calls), 0.94-1.04 of 12 at D = 64 (slower at 1k queries, faster from 4k)
+//      (docs/perf.md, v20): the default at D = 128;
 //   18: 17 with S^T and dP^T in two commit groups (12's kSplitSdP): backward alone x 0.94-1.05 of 12 at D = 64,
 //      0.98-1.07 at D = 128, no better than 17 at either.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
