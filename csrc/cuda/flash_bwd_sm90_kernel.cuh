@@ -108,7 +108,11 @@ namespace flash {
 //      of 11 / 12 at D = 128 (two calls), 0.94-1.04 of 12 at D = 64 (slower at 1k queries, faster from 4k)
 //      (docs/perf.md, v20): the default at D = 128;
 //   18: 17 with S^T and dP^T in two commit groups (12's kSplitSdP): backward alone x 0.94-1.05 of 12 at D = 64,
-//      0.98-1.07 at D = 128, no better than 17 at either.
+//      0.98-1.07 at D = 128, no better than 17 at either;
+//   19: 17 whose copy warpgroup starts on the query tiles at once (kEarlyQuery): in 17 it waits at a block
+//      barrier until the MMA threads' cp.async copies of K and V have landed, so every block's first Q / dO tile
+//      is fetched only after its K and V; here only the MMA warpgroups wait for K and V (their named barrier).
+//      For short sequences, where a block walks few query tiles (docs/perf.md, v20). Compile-checked, not yet run.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -125,7 +129,9 @@ struct BwdSm90Traits {
   static constexpr bool kWideQuery = kVariant >= 8 && kVariant != 16 && kHeadDim_ == 64;
   static constexpr bool kMaskBranch = kVariant >= 11;
   static constexpr bool kLateDqAdd = kVariant == 13 || kVariant == 14;
-  static constexpr bool kWarpSpec = (kVariant == 17 || kVariant == 18) && kTmaQdo;  // without TMA: 11, 12
+  // Without TMA: 17 and 19 run as 11, 18 as 12.
+  static constexpr bool kWarpSpec = (kVariant == 17 || kVariant == 18 || kVariant == 19) && kTmaQdo;
+  static constexpr bool kEarlyQuery = kVariant == 19 && kWarpSpec;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -162,7 +168,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 18, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 19, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
@@ -382,7 +388,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int i = tid; i < Traits::kTiledSBytes / 16; i += kNThreads) stage[i] = make_uint4(0, 0, 0, 0);
   }
 
-  if constexpr (Traits::kMbarQuery || Traits::kWarpSpec) {
+  if constexpr (Traits::kMbarQuery || (Traits::kWarpSpec && !Traits::kEarlyQuery)) {
     // K and V (cp.async) seen by every thread and the MMAs' proxy; the query tiles come on their mbarriers.
     cp_async_wait<0>();
     fence_proxy_async();
@@ -432,6 +438,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         bulk_wait<0>();
       }
       return;
+    }
+    if constexpr (Traits::kEarlyQuery) {
+      // K and V (the MMA threads' cp.async) seen by both MMA warpgroups and their MMAs' proxy; the copy warpgroup
+      // is already on the query tiles.
+      cp_async_wait<0>();
+      fence_proxy_async();
+      mma_warpgroups_barrier<kMmaThreads>();
     }
     setmaxnreg_inc<240>();
   }
