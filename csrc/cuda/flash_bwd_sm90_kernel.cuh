@@ -112,7 +112,10 @@ namespace flash {
 //   19: 17 whose copy warpgroup starts on the query tiles at once (kEarlyQuery): in 17 it waits at a block
 //      barrier until the MMA threads' cp.async copies of K and V have landed, so every block's first Q / dO tile
 //      is fetched only after its K and V; here only the MMA warpgroups wait for K and V (their named barrier).
-//      For short sequences, where a block walks few query tiles (docs/perf.md, v20). Compile-checked, not yet run.
+//      For short sequences, where a block walks few query tiles (docs/perf.md, v20). Compile-checked, not yet run;
+//   20: 19 with dK and dV written through shared memory (kSmemEpilogue): staged as bf16 rows in sK and sV once both
+//      MMA warpgroups are done with them, then copied out in 16-byte chunks, whole rows per warp, instead of each
+//      thread's 4-byte stores over 8 rows. Compile-checked, not yet run.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -129,9 +132,10 @@ struct BwdSm90Traits {
   static constexpr bool kWideQuery = kVariant >= 8 && kVariant != 16 && kHeadDim_ == 64;
   static constexpr bool kMaskBranch = kVariant >= 11;
   static constexpr bool kLateDqAdd = kVariant == 13 || kVariant == 14;
-  // Without TMA: 17 and 19 run as 11, 18 as 12.
-  static constexpr bool kWarpSpec = (kVariant == 17 || kVariant == 18 || kVariant == 19) && kTmaQdo;
-  static constexpr bool kEarlyQuery = kVariant == 19 && kWarpSpec;
+  // Without TMA: 17, 19 and 20 run as 11, 18 as 12.
+  static constexpr bool kWarpSpec = (kVariant >= 17 && kVariant <= 20) && kTmaQdo;
+  static constexpr bool kEarlyQuery = (kVariant == 19 || kVariant == 20) && kWarpSpec;
+  static constexpr bool kSmemEpilogue = kVariant == 20 && kWarpSpec;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -168,7 +172,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 19, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 20, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
@@ -654,6 +658,37 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // dK (times scale) and dV of this thread's keys; keys past Nk are not written.
   T* gdk = static_cast<T*>(params.dk) + bh * Nk * D;
   T* gdv = static_cast<T*>(params.dv) + bh * Nk * D;
+  if constexpr (Traits::kSmemEpilogue) {
+    // Both MMA warpgroups are past their last products (each tile waits for all of its own), so sK and sV are
+    // free: the block's dK and dV go there as rows of D elements, 16-byte chunk q of row r at chunk q ^ (r % 8)
+    // (the 8 rows of a store instruction on 8 different banks), then out in whole rows.
+    mma_warpgroups_barrier<kMmaThreads>();
+    const int r0 = j0 - n0;  // this thread's rows r0 and r0 + 8 of the block
+    auto row_chunk = [](int r, int q) { return r * D * 2 + ((q ^ (r % 8)) * 16); };
+#pragma unroll
+    for (int j = 0; j < Traits::kNFragsKV; ++j) {
+      const int lo = row_chunk(r0, j) + 4 * t, hi = row_chunk(r0 + 8, j) + 4 * t;
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffK + lo) =
+          ET::pack(dk[j][0] * params.scale, dk[j][1] * params.scale);
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffK + hi) =
+          ET::pack(dk[j][2] * params.scale, dk[j][3] * params.scale);
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffV + lo) = ET::pack(dv[j][0], dv[j][1]);
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffV + hi) = ET::pack(dv[j][2], dv[j][3]);
+    }
+    mma_warpgroups_barrier<kMmaThreads>();
+    constexpr int kChunksPerRow = D * 2 / 16;
+#pragma unroll
+    for (int i = tid; i < kBlockN * kChunksPerRow; i += kMmaThreads) {
+      const int r = i / kChunksPerRow, q = i % kChunksPerRow;
+      if (n0 + r < Nk) {
+        const int64_t dst = int64_t(n0 + r) * D + q * 8;
+        const int src = row_chunk(r, q);
+        *reinterpret_cast<uint4*>(gdk + dst) = *reinterpret_cast<const uint4*>(smem + Traits::kOffK + src);
+        *reinterpret_cast<uint4*>(gdv + dst) = *reinterpret_cast<const uint4*>(smem + Traits::kOffV + src);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < Traits::kNFragsKV; ++j) {
     const int c = j * 8 + 2 * t;
