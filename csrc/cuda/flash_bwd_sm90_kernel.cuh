@@ -14,11 +14,12 @@
 //          warpgroup 64 of the queries over all 128 keys (with 64-query tiles: all of them over its own 64
 //          keys, both warpgroups adding into dq_accum);
 //   dQ  -> float4 atomics into dq_accum (fp32 in fragment order; candidates 0-2: float2 ones, row-major), scaled
-//          and rounded by bwd_convert_dq_kernel. The default at D = 128, candidate 17, is warp-specialized: a third
+//          and rounded by bwd_convert_dq_kernel. The default at D = 128, candidate 20, is warp-specialized: a third
 //          warpgroup copies Q, dO, lse and softmax_d in and adds dQ from shared memory by bulk reductions, so
-//          the two MMA warpgroups (240 registers each, setmaxnreg) issue only products and the softmax.
-// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 17 (D = 128) and 12 (D = 64), mask in a pass of
-// their own that only partial and diagonal tiles take. 11 and 17 issue the products of a tile, then wait for
+//          the two MMA warpgroups (240 registers each, setmaxnreg) issue only products and the softmax; at
+//          the end they stage dK and dV in shared memory and write them out in whole rows.
+// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 20 (D = 128) and 12 (D = 64), mask in a pass of
+// their own that only partial and diagonal tiles take. 11 and 17-20 issue the products of a tile, then wait for
 // them; 1, 2, 6, 9, 12, 14-16 and 18 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap
 // for other targets.
 #pragma once
@@ -106,16 +107,19 @@ namespace flash {
 //      MMA warpgroups issue no copy and no global reduction and meet on a named barrier of 256 threads, two dS^T
 //      stages. The copy warpgroup gives its registers to them: setmaxnreg 24 / 240. Backward alone x 1.00-1.09
 //      of 11 / 12 at D = 128 (two calls), 0.94-1.04 of 12 at D = 64 (slower at 1k queries, faster from 4k)
-//      (docs/perf.md, v20): the default at D = 128;
+//      (docs/perf.md, v20); the default at D = 128 until 20;
 //   18: 17 with S^T and dP^T in two commit groups (12's kSplitSdP): backward alone x 0.94-1.05 of 12 at D = 64,
 //      0.98-1.07 at D = 128, no better than 17 at either;
 //   19: 17 whose copy warpgroup starts on the query tiles at once (kEarlyQuery): in 17 it waits at a block
 //      barrier until the MMA threads' cp.async copies of K and V have landed, so every block's first Q / dO tile
 //      is fetched only after its K and V; here only the MMA warpgroups wait for K and V (their named barrier).
-//      For short sequences, where a block walks few query tiles (docs/perf.md, v20). Compile-checked, not yet run;
+//      For short sequences, where a block walks few query tiles. Backward alone x 1.00-1.02 of 17 at D = 128,
+//      1.00-1.03 at D = 64 (docs/perf.md, v21);
 //   20: 19 with dK and dV written through shared memory (kSmemEpilogue): staged as bf16 rows in sK and sV once both
 //      MMA warpgroups are done with them, then copied out in 16-byte chunks, whole rows per warp, instead of each
-//      thread's 4-byte stores over 8 rows. Compile-checked, not yet run.
+//      thread's 4-byte stores over 8 rows. Backward alone x 0.99-1.08 of 17 at D = 128 (1.05-1.08 at 1k and 4k
+//      keys, 0.99-1.01 at 16k), 1.09-1.11 of 12; at D = 64 1.00-1.09 of 17 but 0.94-0.97 of 12 (docs/perf.md,
+//      v21): the default at D = 128.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -186,7 +190,7 @@ struct BwdSm90Traits {
 #define FLASH_BWD_SM90_VARIANT_HDIM64 12
 #endif
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM128
-#define FLASH_BWD_SM90_VARIANT_HDIM128 17
+#define FLASH_BWD_SM90_VARIANT_HDIM128 20
 #endif
 template <int kHeadDim>
 using BwdSm90Config =
