@@ -91,7 +91,7 @@ KERNEL_CANDIDATES = (
     + [  # the wgmma backward's candidates (flash_bwd_sm90_kernel.cuh; `FWD_TILE_KERNEL=sm90bwd ... fwdtiles`)
         (f"flash_bwd_sm90_hdim{d}_bf16", f"FLASH_BWD_SM90_VARIANT_HDIM{d}", v)
         for d, default in BWD_SM90_DEFAULT_VARIANT.items()
-        for v in range(21)
+        for v in range(22)
         if v != default
     ]
 )

@@ -20,7 +20,7 @@
 //          the end they stage dK and dV in shared memory and write them out in whole rows.
 // Masks as in flash_bwd_kernel.cuh; the defaults, candidates 20 (D = 128) and 12 (D = 64), mask in a pass of
 // their own that only partial and diagonal tiles take. 11 and 17-20 issue the products of a tile, then wait for
-// them; 1, 2, 6, 9, 12, 14-16 and 18 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap
+// them; 1, 2, 6, 9, 12, 14-16, 18 and 21 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap
 // for other targets.
 #pragma once
 
@@ -119,7 +119,9 @@ namespace flash {
 //      MMA warpgroups are done with them, then copied out in 16-byte chunks, whole rows per warp, instead of each
 //      thread's 4-byte stores over 8 rows. Backward alone x 0.99-1.08 of 17 at D = 128 (1.05-1.08 at 1k and 4k
 //      keys, 0.99-1.01 at 16k), 1.09-1.11 of 12; at D = 64 1.00-1.09 of 17 but 0.94-0.97 of 12 (docs/perf.md,
-//      v21): the default at D = 128.
+//      v21): the default at D = 128;
+//   21: 12 with 20's epilogue (kSmemEpilogue; all 256 threads issue MMAs, so the two barriers are the block's).
+//      For D = 64, where 20 runs at 0.94-0.97 of 12 and its epilogue was worth 0.99-1.05 over 19. Not yet run.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -127,7 +129,7 @@ struct BwdSm90Traits {
   static constexpr int kVariant = kVariant_;
   static constexpr bool kSplitSdP =
       kVariant == 1 || kVariant == 2 || kVariant == 6 || kVariant == 9 || kVariant == 12 || kVariant == 14 ||
-      kVariant == 15 || kVariant == 16 || kVariant == 18;
+      kVariant == 15 || kVariant == 16 || kVariant == 18 || kVariant == 21;
   static constexpr bool kDeferDq = kVariant == 2 || kVariant == 6 || kVariant == 16;
   static constexpr bool kBulkDq = kVariant == 3 || kVariant == 15;
   static constexpr bool kVecDq = kVariant >= 4;
@@ -139,7 +141,7 @@ struct BwdSm90Traits {
   // Without TMA: 17, 19 and 20 run as 11, 18 as 12.
   static constexpr bool kWarpSpec = (kVariant >= 17 && kVariant <= 20) && kTmaQdo;
   static constexpr bool kEarlyQuery = (kVariant == 19 || kVariant == 20) && kWarpSpec;
-  static constexpr bool kSmemEpilogue = kVariant == 20 && kWarpSpec;
+  static constexpr bool kSmemEpilogue = (kVariant == 20 && kWarpSpec) || kVariant == 21;
   static constexpr int kQBufs = kMbarQuery ? 3 : 2;  // Q, dO, lse and softmax_d buffers
   static constexpr bool kDqFragmentOrder = kBulkDq || kVecDq;  // dq_accum layout kDqWgmmaFragments
   static constexpr int kBlockN = 128;  // keys per block
@@ -176,7 +178,7 @@ struct BwdSm90Traits {
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: head dim 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
-  static_assert(kVariant >= 0 && kVariant <= 20, "no wgmma backward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 21, "no wgmma backward variant with this number");
   static_assert(!(kLateDqAdd && (kDeferDq || kBulkDq || kMbarQuery)), "kLateDqAdd: dQ added by atomics after "
                 "the barrier at the top of the next tile");
   static_assert(kDqCols == 64 && kBlockM == (kDqSplitRows ? 128 : 64),
