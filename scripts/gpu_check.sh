@@ -149,7 +149,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
     default_variants="16 8"
   elif [ "$kind" = sm90bwd ]; then
     macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh
-    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="20 12"
+    env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="21 20 12"
     bench_args="--seqlens 1024,4096,16384"; column=fwd_bwd; tests="hopper_backward or backward_switch"
   else
     macros="FLASH_FWD_VARIANT_HDIM64"; dims=64; default_variants="0 1 2"

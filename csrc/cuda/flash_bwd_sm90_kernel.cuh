@@ -17,8 +17,9 @@
 //          and rounded by bwd_convert_dq_kernel. The default at D = 128, candidate 20, is warp-specialized: a third
 //          warpgroup copies Q, dO, lse and softmax_d in and adds dQ from shared memory by bulk reductions, so
 //          the two MMA warpgroups (240 registers each, setmaxnreg) issue only products and the softmax; at
-//          the end they stage dK and dV in shared memory and write them out in whole rows.
-// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 20 (D = 128) and 12 (D = 64), mask in a pass of
+//          the end they stage dK and dV in shared memory and write them out in whole rows (as does 21, the
+//          default at D = 64).
+// Masks as in flash_bwd_kernel.cuh; the defaults, candidates 20 (D = 128) and 21 (D = 64), mask in a pass of
 // their own that only partial and diagonal tiles take. 11 and 17-20 issue the products of a tile, then wait for
 // them; 1, 2, 6, 9, 12, 14-16, 18 and 21 overlap some of them with the softmax (BwdSm90Traits). Compiled to a trap
 // for other targets.
@@ -86,7 +87,7 @@ namespace flash {
 //      instructions executed (docs/perf.md, v18). Backward alone x 1.01-1.02 of 8 at D = 64, 1.03-1.06 of 5 at
 //      D = 128 (docs/perf.md, v19); the default at D = 128 until 17;
 //   12: 11 with S^T and dP^T in two commit groups (9's kSplitSdP). Backward alone x 1.01-1.04 of 8 at D = 64
-//      (1.01-1.02 of 11; 12 bytes spilled), at D = 128 equal to 11: the default at D = 64;
+//      (1.01-1.02 of 11; 12 bytes spilled), at D = 128 equal to 11; the default at D = 64 until 21;
 //   13: 11 with the dQ reductions of tile m issued in tile m + 1, after its block barrier and its Q / dO wait
 //      (kLateDqAdd). A block barrier orders the thread's earlier global reductions, so ptxas makes every warp
 //      wait before it until the LSU has read its reductions' registers (32 KB of dQ per tile and block); in
@@ -121,7 +122,8 @@ namespace flash {
 //      keys, 0.99-1.01 at 16k), 1.09-1.11 of 12; at D = 64 1.00-1.09 of 17 but 0.94-0.97 of 12 (docs/perf.md,
 //      v21): the default at D = 128;
 //   21: 12 with 20's epilogue (kSmemEpilogue; all 256 threads issue MMAs, so the two barriers are the block's).
-//      For D = 64, where 20 runs at 0.94-0.97 of 12 and its epilogue was worth 0.99-1.05 over 19. Not yet run.
+//      For D = 64, where 20 runs at 0.94-0.97 of 12 and its epilogue was worth 0.99-1.05 over 19. Backward
+//      alone x 1.01-1.05 of 12 at D = 64 (1.05 at 1k keys; docs/perf.md, v21): the default at D = 64.
 // kAllowTma = false: the same candidate with every copy by cp.async (the fallback of kTmaQdo).
 template <int kHeadDim_, int kVariant_ = 0, bool kAllowTma = true>
 struct BwdSm90Traits {
@@ -189,7 +191,7 @@ struct BwdSm90Traits {
                 "swizzled tiles start on 1024-byte boundaries");
 };
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM64
-#define FLASH_BWD_SM90_VARIANT_HDIM64 12
+#define FLASH_BWD_SM90_VARIANT_HDIM64 21
 #endif
 #ifndef FLASH_BWD_SM90_VARIANT_HDIM128
 #define FLASH_BWD_SM90_VARIANT_HDIM128 20
@@ -693,20 +695,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         *reinterpret_cast<uint4*>(gdv + dst) = *reinterpret_cast<const uint4*>(smem + Traits::kOffV + src);
       }
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int j = 0; j < Traits::kNFragsKV; ++j) {
-    const int c = j * 8 + 2 * t;
-    if (j0 < Nk) {
-      *reinterpret_cast<uint32_t*>(gdk + int64_t(j0) * D + c) =
-          ET::pack(dk[j][0] * params.scale, dk[j][1] * params.scale);
-      *reinterpret_cast<uint32_t*>(gdv + int64_t(j0) * D + c) = ET::pack(dv[j][0], dv[j][1]);
-    }
-    if (j1 < Nk) {
-      *reinterpret_cast<uint32_t*>(gdk + int64_t(j1) * D + c) =
-          ET::pack(dk[j][2] * params.scale, dk[j][3] * params.scale);
-      *reinterpret_cast<uint32_t*>(gdv + int64_t(j1) * D + c) = ET::pack(dv[j][2], dv[j][3]);
+    for (int j = 0; j < Traits::kNFragsKV; ++j) {
+      const int c = j * 8 + 2 * t;
+      if (j0 < Nk) {
+        *reinterpret_cast<uint32_t*>(gdk + int64_t(j0) * D + c) =
+            ET::pack(dk[j][0] * params.scale, dk[j][1] * params.scale);
+        *reinterpret_cast<uint32_t*>(gdv + int64_t(j0) * D + c) = ET::pack(dv[j][0], dv[j][1]);
+      }
+      if (j1 < Nk) {
+        *reinterpret_cast<uint32_t*>(gdk + int64_t(j1) * D + c) =
+            ET::pack(dk[j][2] * params.scale, dk[j][3] * params.scale);
+        *reinterpret_cast<uint32_t*>(gdv + int64_t(j1) * D + c) = ET::pack(dv[j][2], dv[j][3]);
+      }
     }
   }
 #elif defined(__CUDA_ARCH__)
