@@ -161,6 +161,22 @@ def test_one_pass_forward_kernels_on_hopper(monkeypatch, kernel, shape, mask_kin
     check_against_sdpa(q, k, v, kwargs)
 
 
+# Grids of many more blocks' worth of query tiles than the GPU has SMs (a persistent forward walks several
+# tiles per block, and carries its barriers and copies from one to the next): an odd number of query tiles
+# per head, grouped heads, and (second shape) causal rows that see no key, so that tiles without work fall
+# between tiles with work.
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize(
+    "shape", [(3, 48, 16, 520, 777), (2, 70, 70, 777, 300)], ids=lambda s: "x".join(map(str, s))
+)
+def test_hopper_forward_many_tiles_per_sm(monkeypatch, shape, mask_kind, head_dim):
+    needs_hopper()
+    use_kernel(monkeypatch, "wgmma")
+    q, k, v, kwargs = make(shape, head_dim, torch.bfloat16, mask_kind, seed=13)
+    check_against_sdpa(q, k, v, kwargs)
+
+
 # Layouts of K and V through the Hopper forward: strided views (bulk tensor copies address them), heads
 # or batches broadcast with stride 0 and odd strides of extent-1 dims (copied with cp.async instead).
 LAYOUTS = ["bnhd", "heads_broadcast", "batch_broadcast", "one_head_odd_stride"]

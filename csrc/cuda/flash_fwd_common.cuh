@@ -34,10 +34,15 @@ struct FwdBlock {
   Element* o_ptr;
   float* lse_ptr;
 
-  __device__ __forceinline__ explicit FwdBlock(const FwdParams& params) {
-    const int m_block = kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-    h = blockIdx.y;
-    b = blockIdx.z;
+  // The block of the grid (query tiles, Hq, B); causal grids run their longest rows first.
+  __device__ __forceinline__ explicit FwdBlock(const FwdParams& params)
+      : FwdBlock(params, kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x), int(blockIdx.y),
+                 int(blockIdx.z)) {}
+
+  // Query tile m_block of query head h_ of batch b_ (persistent kernels pick their own).
+  __device__ __forceinline__ FwdBlock(const FwdParams& params, int m_block, int h_, int b_) {
+    h = h_;
+    b = b_;
     len_q = params.len_q;
     len_k = params.len_k;
     seqlen_k = len_k;
@@ -216,6 +221,18 @@ auto select_one_pass_kernel(const FwdParams& params, KernelOf kernel_of) {
   return kpm ? kernel_of(F{}, T{}) : kernel_of(F{}, F{});
 }
 
+// Launches a one-pass forward kernel with tiles Traits on `grid` (persistent kernels: their own grid).
+template <typename Traits, typename KernelOf, typename... Extra>
+void launch_one_pass_fwd_on(const dim3 grid, const FwdParams& params, cudaStream_t stream, KernelOf kernel_of,
+                            const Extra&... extra) {
+  constexpr int kSmem = Traits::kSmemBytes;
+  const auto kernel = select_one_pass_kernel(params, kernel_of);
+  if (kSmem > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  }
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params, extra...);
+}
+
 // Launches a one-pass forward kernel with tiles Traits on the grid (query tiles, Hq, B).
 // Requirements checked by the caller: B, Hq <= 65535, len_q, len_k < 2^31, q/k/v base pointers and
 // batch/head/row strides 16-byte aligned.
@@ -223,13 +240,8 @@ auto select_one_pass_kernel(const FwdParams& params, KernelOf kernel_of) {
 template <typename Traits, typename KernelOf, typename... Extra>
 void launch_one_pass_fwd(const FwdParams& params, cudaStream_t stream, KernelOf kernel_of, const Extra&... extra) {
   const int num_m_blocks = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const dim3 grid(num_m_blocks, params.heads_q, params.batch);
-  constexpr int kSmem = Traits::kSmemBytes;
-  const auto kernel = select_one_pass_kernel(params, kernel_of);
-  if (kSmem > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  }
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params, extra...);
+  launch_one_pass_fwd_on<Traits>(dim3(num_m_blocks, params.heads_q, params.batch), params, stream, kernel_of,
+                                 extra...);
 }
 
 }  // namespace flash

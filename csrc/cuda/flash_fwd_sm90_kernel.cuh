@@ -21,6 +21,9 @@
 //   done with a stage issues the copy of the tile two steps on into it; with Traits::kPingPong the two
 //   warpgroups also take turns issuing their MMAs (named barriers 3 and 4), so that one's softmax runs
 //   under the other's MMAs.
+//   With Traits::kPersistent (on kLastWarpLoads) one block per SM walks several query tiles (persistent_tile's
+//   order); once a tile's O is staged in a buffer of its own, the block issues the next tile's Q, K and V
+//   copies and then writes O out, and the stages' mbarriers carry their phases from tile to tile.
 // run_fwd_sm90 launches the head dim's default tiles (FwdSm90Config<D>::Traits) or, for grids the API
 // layer finds too small for them, its 64-row small-grid tiles (::SmallGridTraits), or for long key
 // sequences its long-key tiles (::LongKeysTraits; 192-row blocks at D = 64).
@@ -30,6 +33,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -74,11 +78,53 @@ __device__ __forceinline__ void pass_turn(int wg) {
   asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + kNWg + next) : "memory");
 }
 
+// A persistent block's state from one query tile to the next (Traits::kPersistent).
+struct PersistentState {
+  uint32_t parity = 0;      // bit s: the phase parity of K stage s's mbarrier at the tile's start; bit 2 + s: V's
+  bool prefetched = false;  // the tile's Q, K and V copies were issued by the tile before
+};
+
+// The K and V stages' mbarriers (and, kLastWarpLoads, the warp counts), by thread 0, before a block barrier.
+template <typename Traits>
+__device__ __forceinline__ void init_kv_barriers(unsigned char* smem_raw, int tid) {
+  if (tid == 0) {
+    const uint32_t bar = smem_u32(smem_raw) + Traits::kOffBar;
+    uint32_t* stage_done = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffCount);
+#pragma unroll
+    for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) {
+      mbar_init(bar + 8 * i, 1);
+      if constexpr (Traits::kLastWarpLoads) stage_done[i] = 0;
+    }
+    fence_mbar_init();
+  }
+}
+
 }  // namespace sm90
 
+template <typename Traits, typename Element, bool kIsCausal>
+using Sm90FwdBlock = fwd_detail::FwdBlock<Element, kIsCausal, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim>;
+
+// kPersistent: the order of the query tiles. Unit u is the query tiles num_m - 1 - p and p (p = u % units per
+// head; `second` picks p) of one head, so that under a causal mask every unit holds the same work (the longest
+// tile with the shortest), and the units of a head are neighbours in u (blocks that run at the same time share
+// its K and V in L2). A block walks units blockIdx.x, + gridDim.x, ... (grid: one block per SM).
+template <typename Traits, typename Element, bool kIsCausal>
+__device__ __forceinline__ Sm90FwdBlock<Traits, Element, kIsCausal> persistent_tile(const FwdParams& params, int u,
+                                                                                   bool second) {
+  const int num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int units_per_head = (num_m + 1) / 2;
+  const int p = u % units_per_head, bh = u / units_per_head;
+  return Sm90FwdBlock<Traits, Element, kIsCausal>(params, second ? p : num_m - 1 - p, bh % params.heads_q,
+                                                  bh / params.heads_q);
+}
+
+// One query tile (blk) of a block. kPersistent: ps carries the block's state from tile to tile, and
+// (next_unit, next_second) name the block's next tile (next_unit < 0: none), whose first copies are issued
+// once this tile's O is staged.
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
-    flash_fwd_sm90_kernel(const FwdParams params, const __grid_constant__ sm90::KvTensorMaps maps) {
+__device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm90::KvTensorMaps& maps,
+                                              const Sm90FwdBlock<Traits, Element, kIsCausal>& blk,
+                                              sm90::PersistentState& ps, int next_unit, bool next_second) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using ET = ElemTraits<Element>;
   using namespace fwd_detail;
@@ -92,7 +138,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
 
-  const FwdBlock<Element, kIsCausal, kBlockM, kBlockN, kHeadDim> blk(params);
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -123,16 +168,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   const uint32_t bar_k = sQ + Traits::kOffBar;
   const uint32_t bar_v = bar_k + 8 * Traits::kStagesK;
   const int h_kv = blk.h / params.group;
-  auto tma_tile = [&](const CUtensorMap* map, uint32_t tile, uint32_t bar, int n) {
+  auto tma_tile = [&](const CUtensorMap* map, uint32_t tile, uint32_t bar, int n, int head_kv, int batch) {
     mbar_arrive_expect_tx(bar, Traits::kTileKVBytes);
 #pragma unroll
     for (int cb = 0; cb < kHeadDim / 64; ++cb) {  // one 64-column block of the tile per copy
-      tma_load_4d(tile + cb * kBlockN * 128, map, bar, cb * 64, n * kBlockN, h_kv, blk.b);
+      tma_load_4d(tile + cb * kBlockN * 128, map, bar, cb * 64, n * kBlockN, head_kv, batch);
     }
   };
   // The bulk copy of tile n into its stage, issued by the calling thread.
-  auto copy_k = [&](int n) { tma_tile(&maps.k, k_tile(n), bar_k + 8 * stage(n), n); };
-  auto copy_v = [&](int n) { tma_tile(&maps.v, v_tile(n), bar_v + 8 * v_stage(n), n); };
+  auto copy_k = [&](int n) { tma_tile(&maps.k, k_tile(n), bar_k + 8 * stage(n), n, h_kv, blk.b); };
+  auto copy_v = [&](int n) { tma_tile(&maps.v, v_tile(n), bar_v + 8 * v_stage(n), n, h_kv, blk.b); };
   // Called by every thread; with kTma thread 0 issues the copy.
   auto load_k = [&](int n) {
     if constexpr (kTma) {
@@ -150,28 +195,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
                                               len_k - n * kBlockN, tid, params.v);
     }
   };
+  // kPersistent: the stages' barriers carry on from the block's earlier tiles (ps.parity).
+  const uint32_t parity0 = Traits::kPersistent ? ps.parity : 0u;
   auto wait_k = [&](int n) {
-    mbar_wait(bar_k + 8 * stage(n), uint32_t((n_last - n) / Traits::kStagesK) & 1u);
+    mbar_wait(bar_k + 8 * stage(n), (uint32_t((n_last - n) / Traits::kStagesK) ^ (parity0 >> stage(n))) & 1u);
   };
   auto wait_v = [&](int n) {
-    mbar_wait(bar_v + 8 * v_stage(n), uint32_t((n_last - n) / Traits::kStagesV) & 1u);
+    mbar_wait(bar_v + 8 * v_stage(n),
+              (uint32_t((n_last - n) / Traits::kStagesV) ^ (parity0 >> (2 + v_stage(n)))) & 1u);
   };
   // kLastWarpLoads: warps that are done with each K stage, then each V stage (counted modulo kNWarps).
   uint32_t* stage_done = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffCount);
-  if constexpr (kTma) {
-    if (tid == 0) {
-#pragma unroll
-      for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) {
-        mbar_init(bar_k + 8 * i, 1);
-        if constexpr (Traits::kLastWarpLoads) stage_done[i] = 0;
-      }
-      fence_mbar_init();
-    }
+  if constexpr (kTma && !Traits::kPersistent) {  // a persistent block sets them up once (fwd_sm90_persistent)
+    init_kv_barriers<Traits>(smem_raw, tid);
     __syncthreads();
   }
 
-  load_tile<kBlockM, kHeadDim, kNThreads>(sQ, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid, params.q);
-  load_k(n_last);
+  // kPersistent: the tile before issued this tile's first copies (Q, K(n_last), and below K(n_last - 1),
+  // V(n_last), V(n_last - 1)).
+  const bool issue_first = !(Traits::kPersistent && ps.prefetched);
+  if (issue_first) {
+    load_tile<kBlockM, kHeadDim, kNThreads>(sQ, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid, params.q);
+    load_k(n_last);
+  }
   cp_async_commit();
 
   float acc_o[1][kNFragsO][4];
@@ -307,7 +353,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       }
     };
     // Both stages of each ring are free: K(n_last) is on its way, K(n_last - 1), V(n_last), V(n_last - 1).
-    if (tid == 0) {
+    if (tid == 0 && issue_first) {
       if (n_last > 0) copy_k(n_last - 1);
       copy_v(n_last);
       if (n_last > 0) copy_v(n_last - 1);
@@ -464,7 +510,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   }
 
   // Epilogue: normalise, write lse, stage O in this warp's rows of sQ (same swizzle; n8 fragment d is
-  // chunk d of the row), then 16-byte row stores.
+  // chunk d of the row; kPersistent: of sO, since the next tile's Q goes into sQ), then 16-byte row stores.
+  unsigned char* const sO = smem_raw + (Traits::kPersistent ? Traits::kOffOAligned : 0);
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     float lse;
@@ -473,11 +520,36 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if (t == 0 && row0 + row_local < len_q) blk.lse_ptr[row0 + row_local] = lse;
 #pragma unroll
     for (int d = 0; d < kNFragsO; ++d) {
-      *reinterpret_cast<uint32_t*>(smem_raw + swizzled_offset(row_local, d, kBlockM) + 4 * t) =
+      *reinterpret_cast<uint32_t*>(sO + swizzled_offset(row_local, d, kBlockM) + 4 * t) =
           ET::pack(acc_o[0][d][hi * 2] * inv, acc_o[0][d][hi * 2 + 1] * inv);
     }
   }
-  __syncthreads();
+  __syncthreads();  // O staged; every warp is past its last MMA (sQ, sK and sV free)
+  if constexpr (Traits::kPersistent) {
+    // The next tile's first copies, under this tile's stores (none for a tile without visible keys).
+    const auto next = persistent_tile<Traits, Element, kIsCausal>(params, max(next_unit, 0), next_second);
+    const bool has_next = next_unit >= 0 && next.n_block_max > 0;
+    if (has_next) {
+      const int nl = next.n_block_max - 1;
+      load_tile<kBlockM, kHeadDim, kNThreads>(sQ, next.q_ptr, params.q_stride.row, next.row0, len_q - next.row0,
+                                              tid, params.q);
+      cp_async_commit();
+      if (tid == 0) {
+        const int head_kv = next.h / params.group;
+        tma_tile(&maps.k, k_tile(nl), bar_k + 8 * stage(nl), nl, head_kv, next.b);
+        if (nl > 0) tma_tile(&maps.k, k_tile(nl - 1), bar_k + 8 * stage(nl - 1), nl - 1, head_kv, next.b);
+        tma_tile(&maps.v, v_tile(nl), bar_v + 8 * v_stage(nl), nl, head_kv, next.b);
+        if (nl > 0) tma_tile(&maps.v, v_tile(nl - 1), bar_v + 8 * v_stage(nl - 1), nl - 1, head_kv, next.b);
+      }
+    }
+    // Each stage s held the tiles n <= n_last with n % 2 == s, one phase of its K and its V barrier each.
+#pragma unroll
+    for (int st = 0; st < 2; ++st) {
+      const int uses = n_last >= st ? (n_last - st) / 2 + 1 : 0;
+      if (uses % 2 == 1) ps.parity ^= (1u << st) | (1u << (2 + st));
+    }
+    ps.prefetched = has_next;
+  }
   constexpr int kOutChunks = kBlockM * Traits::kChunksPerRow;
   static_assert(kOutChunks % kNThreads == 0, "output copy splits evenly");
 #pragma unroll
@@ -487,8 +559,46 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     const int c = idx % Traits::kChunksPerRow;
     if (row0 + r < len_q) {
       *reinterpret_cast<uint4*>(blk.o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =
-          *reinterpret_cast<const uint4*>(smem_raw + swizzled_offset(r, c, kBlockM));
+          *reinterpret_cast<const uint4*>(sO + swizzled_offset(r, c, kBlockM));
     }
+  }
+#endif
+}
+
+// kPersistent: the block's tiles in persistent_tile's order.
+template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
+__device__ __forceinline__ void fwd_sm90_persistent(const FwdParams& params, const sm90::KvTensorMaps& maps) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  sm90::init_kv_barriers<Traits>(smem_raw, threadIdx.x);
+  __syncthreads();
+  const int num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int units_per_head = (num_m + 1) / 2;
+  const int units = units_per_head * params.heads_q * params.batch;
+  sm90::PersistentState ps;
+  int u = blockIdx.x;
+  bool second = false;
+  while (u < units) {
+    const int p = u % units_per_head;
+    const bool next_second = !second && p != num_m - 1 - p;  // the unit's other tile, else the next unit's first
+    const int next_u = next_second ? u : u + int(gridDim.x);
+    const auto blk = persistent_tile<Traits, Element, kIsCausal>(params, u, second);
+    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, ps, next_u < units ? next_u : -1,
+                                                       next_second);
+    u = next_u;
+    second = next_second;
+  }
+}
+
+template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
+    flash_fwd_sm90_kernel(const FwdParams params, const __grid_constant__ sm90::KvTensorMaps maps) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (Traits::kPersistent) {
+    fwd_sm90_persistent<Traits, Element, kIsCausal, kHasKpm>(params, maps);
+  } else {
+    sm90::PersistentState unused;
+    const Sm90FwdBlock<Traits, Element, kIsCausal> blk(params);
+    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, unused, -1, false);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // sm_90a only; never launched on other devices (see run_fwd_sm90)
@@ -497,12 +607,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
 template <typename Traits, typename Element>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::KvTensorMaps& maps) {
-  launch_one_pass_fwd<Traits>(
-      params, stream,
-      [](auto causal, auto kpm) {
-        return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
-      },
-      maps);
+  const auto kernel_of = [](auto causal, auto kpm) {
+    return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
+  };
+  if constexpr (Traits::kPersistent) {  // one block per SM, at most one per unit (fwd_sm90_persistent)
+    int device = 0, num_sms = 1;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    const int64_t num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    const int64_t units = (num_m + 1) / 2 * params.heads_q * params.batch;
+    launch_one_pass_fwd_on<Traits>(dim3(unsigned(std::min<int64_t>(units, std::max(num_sms, 1)))), params, stream,
+                                   kernel_of, maps);
+  } else {
+    launch_one_pass_fwd<Traits>(params, stream, kernel_of, maps);
+  }
 }
 
 // Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device. Tiles with

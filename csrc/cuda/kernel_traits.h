@@ -125,7 +125,7 @@ struct FwdConfig<256> {
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
-          bool kPingPong_ = false>
+          bool kPingPong_ = false, bool kPersistent_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -149,6 +149,11 @@ struct FwdSm90Traits {
   // kPingPong (with kLastWarpLoads): the two warpgroups take turns issuing their MMAs (two named barriers
   // pass the turn), so that one warpgroup's softmax runs while the other's MMAs hold the tensor cores.
   static constexpr bool kPingPong = kPingPong_;
+  // kPersistent (with kLastWarpLoads): one block per SM walks query tiles in a fixed order (run_fwd_sm90's grid;
+  // causal: the longest and the shortest tile of a head in turn, so that every block gets the same work). Once
+  // a tile's O is staged (in a buffer of its own, sO), the block issues the next tile's Q, K and V copies, then
+  // writes O out: the next tile's first copies land under this tile's output stores.
+  static constexpr bool kPersistent = kPersistent_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -178,7 +183,9 @@ struct FwdSm90Traits {
   // kTma: one mbarrier (8 bytes) per K and per V stage; kLastWarpLoads: then one warp count (4 bytes) each.
   static constexpr int kOffCount = kOffBar + 8 * (kStagesK + kStagesV);
   static constexpr int kBarBytes = 8 * (kStagesK + kStagesV) + (kLastWarpLoads ? 4 * (kStagesK + kStagesV) : 0);
-  static constexpr int kSmemBytes = kOffBar + (kTma ? 16 * ((kBarBytes + 15) / 16) : 0);
+  static constexpr int kOffO = kOffBar + (kTma ? 16 * ((kBarBytes + 15) / 16) : 0);  // kPersistent: sO
+  static constexpr int kOffOAligned = (kOffO + 1023) / 1024 * 1024;
+  static constexpr int kSmemBytes = kPersistent ? kOffOAligned + kBlockM * kHeadDim * 2 : kOffO;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
@@ -193,6 +200,8 @@ struct FwdSm90Traits {
                 "kLastWarpLoads: two or more warpgroups, TMA, the overlapped schedule with two V stages, "
                 "128-key tiles");
   static_assert(!kPingPong || kLastWarpLoads, "kPingPong: two warpgroups that do not meet at block barriers");
+  static_assert(!kPersistent || kLastWarpLoads, "kPersistent: the kLastWarpLoads schedule");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
 // Candidates per head dim, picked at compile time with -DFLASH_FWD_SM90_VARIANT_HDIM64=<v> (and _HDIM128);
@@ -233,12 +242,17 @@ struct FwdSm90Traits {
 //   16: 15 with three warpgroups per 192-row block taking turns in round robin, made for D = 64 (163-168
 //       registers without spills there; 308-328 bytes of spills at D = 128) (D = 64: x 0.74-0.98 of 8 at
 //       1k and 4k keys, 1.01-1.10 at 8k and 16k in one call): D = 64's long-key tiles
-//       (FwdSm90Config<64>::LongKeysTraits).
+//       (FwdSm90Config<64>::LongKeysTraits);
+//   17: 15 persistent (kPersistent): one block per SM walks its query tiles, and each tile's output stores
+//       overlap the next tile's first Q, K and V copies; made for short key sequences, where a block's
+//       prologue and epilogue are a large part of it (D = 128 at 1k keys: 0.88x cuDNN, docs/perf.md v22).
+//       Compile-checked, not yet run.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 16, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 17, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
-  static constexpr bool kPingPong = kVariant == 15 || kVariant == 16;
+  static constexpr bool kPersistent = kVariant == 17;
+  static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent;
   static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
   // The candidate whose flags 12-15 take over.
   static constexpr int kFlags = kLastWarpLoads ? 10 : (kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant);
@@ -253,7 +267,7 @@ struct FwdSm90Variant {
   using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
-                               kPingPong>;
+                               kPingPong, kPersistent>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
