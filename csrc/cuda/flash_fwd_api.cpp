@@ -361,6 +361,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   params.is_causal = is_causal;
   params.use_sm90 = sm90 && num_splits == 1;
   params.sm90_tiles = sm90_tiles.tiles;
+  params.num_sms = info.num_sms;
   params.num_splits = num_splits;
   if (num_splits > 1) {
     params.out_accum = out_accum.data_ptr<float>();

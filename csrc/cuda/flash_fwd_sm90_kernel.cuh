@@ -611,13 +611,10 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::K
     return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
   };
   if constexpr (Traits::kPersistent) {  // one block per SM, at most one per unit (fwd_sm90_persistent)
-    int device = 0, num_sms = 1;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
     const int64_t num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const int64_t units = (num_m + 1) / 2 * params.heads_q * params.batch;
-    launch_one_pass_fwd_on<Traits>(dim3(unsigned(std::min<int64_t>(units, std::max(num_sms, 1)))), params, stream,
-                                   kernel_of, maps);
+    launch_one_pass_fwd_on<Traits>(dim3(unsigned(std::min<int64_t>(units, std::max(params.num_sms, 1)))), params,
+                                   stream, kernel_of, maps);
   } else {
     launch_one_pass_fwd<Traits>(params, stream, kernel_of, maps);
   }

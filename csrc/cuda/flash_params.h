@@ -46,6 +46,7 @@ struct FwdParams {
   // no key) to lse_accum (num_splits, B, Hq, Nq), both float32 contiguous scratch of the API layer;
   // the merge kernel writes out and lse. num_splits = 1: the one-pass kernel, accum pointers unused.
   int num_splits;
+  int num_sms;  // SMs of the device (the API layer's cached count): the grid of persistent one-pass tiles
   float* out_accum;
   float* lse_accum;
 };
