@@ -21,7 +21,7 @@
 //   done with a stage issues the copy of the tile two steps on into it; with Traits::kPingPong the two
 //   warpgroups also take turns issuing their MMAs (named barriers 3 and 4), so that one's softmax runs
 //   under the other's MMAs.
-//   With Traits::kPersistent (on kLastWarpLoads) one block per SM walks several query tiles (persistent_tile's
+//   With Traits::kPersistent (on kLastWarpLoads) one block per SM walks several query tiles (TileCursor's
 //   order); once a tile's O is staged in a buffer of its own, the block issues the next tile's Q, K and V
 //   copies and then writes O out, and the stages' mbarriers carry their phases from tile to tile.
 // run_fwd_sm90 launches the head dim's default tiles (FwdSm90Config<D>::Traits) or, for grids the API
@@ -78,8 +78,43 @@ __device__ __forceinline__ void pass_turn(int wg) {
   asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + kNWg + next) : "memory");
 }
 
+// kPersistent: a block's place in the order of query tiles. Unit (b * heads_q + h) * units_per_head + p is the
+// query tiles num_m - 1 - p and p of head h of batch b (`second` picks p), so that under a causal mask every unit
+// holds the same work (the longest tile with the shortest), and the units of a head are neighbours (blocks that
+// run at the same time share its K and V in L2). A block walks units blockIdx.x, + gridDim.x, ... (grid: one
+// block per SM), counting (p, h, b) on with carries instead of divisions.
+struct TileCursor {
+  int p = 0, h = 0, b = 0;
+  bool second = false;
+  __device__ __forceinline__ int m_block(int num_m) const { return second ? p : num_m - 1 - p; }
+  __device__ __forceinline__ void carry(const FwdParams& params, int units_per_head) {
+    while (p >= units_per_head) {
+      p -= units_per_head;
+      if (++h == params.heads_q) {
+        h = 0;
+        ++b;
+      }
+    }
+  }
+  __device__ __forceinline__ void first(const FwdParams& params, int units_per_head) {
+    p = int(blockIdx.x);
+    carry(params, units_per_head);
+  }
+  // The unit's other tile, else the first tile of the block's next unit.
+  __device__ __forceinline__ void advance(const FwdParams& params, int num_m, int units_per_head) {
+    if (!second && p != num_m - 1 - p) {
+      second = true;
+    } else {
+      second = false;
+      p += int(gridDim.x);
+      carry(params, units_per_head);
+    }
+  }
+};
+
 // A persistent block's state from one query tile to the next (Traits::kPersistent).
 struct PersistentState {
+  TileCursor cursor;
   uint32_t parity = 0;      // bit s: the phase parity of K stage s's mbarrier at the tile's start; bit 2 + s: V's
   bool prefetched = false;  // the tile's Q, K and V copies were issued by the tile before
 };
@@ -104,27 +139,13 @@ __device__ __forceinline__ void init_kv_barriers(unsigned char* smem_raw, int ti
 template <typename Traits, typename Element, bool kIsCausal>
 using Sm90FwdBlock = fwd_detail::FwdBlock<Element, kIsCausal, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim>;
 
-// kPersistent: the order of the query tiles. Unit u is the query tiles num_m - 1 - p and p (p = u % units per
-// head; `second` picks p) of one head, so that under a causal mask every unit holds the same work (the longest
-// tile with the shortest), and the units of a head are neighbours in u (blocks that run at the same time share
-// its K and V in L2). A block walks units blockIdx.x, + gridDim.x, ... (grid: one block per SM).
-template <typename Traits, typename Element, bool kIsCausal>
-__device__ __forceinline__ Sm90FwdBlock<Traits, Element, kIsCausal> persistent_tile(const FwdParams& params, int u,
-                                                                                   bool second) {
-  const int num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const int units_per_head = (num_m + 1) / 2;
-  const int p = u % units_per_head, bh = u / units_per_head;
-  return Sm90FwdBlock<Traits, Element, kIsCausal>(params, second ? p : num_m - 1 - p, bh % params.heads_q,
-                                                  bh / params.heads_q);
-}
-
 // One query tile (blk) of a block. kPersistent: ps carries the block's state from tile to tile, and
 // (next_unit, next_second) name the block's next tile (next_unit < 0: none), whose first copies are issued
 // once this tile's O is staged.
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
 __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm90::KvTensorMaps& maps,
                                               const Sm90FwdBlock<Traits, Element, kIsCausal>& blk,
-                                              sm90::PersistentState& ps, int next_unit, bool next_second) {
+                                              sm90::PersistentState& ps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using ET = ElemTraits<Element>;
   using namespace fwd_detail;
@@ -138,7 +159,10 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
 
-  const int tid = threadIdx.x;
+  // kPersistent: tid and sQ are made opaque so that the compiler derives this tile's addresses from them
+  // inside the block's loop over tiles instead of keeping them all live across it (255 registers and spills).
+  int tid = threadIdx.x;
+  if constexpr (Traits::kPersistent) asm volatile("" : "+r"(tid));
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane / 4;
@@ -151,7 +175,8 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     return;
   }
 
-  const uint32_t sQ = smem_u32(smem_raw);
+  uint32_t sQ = smem_u32(smem_raw);
+  if constexpr (Traits::kPersistent) asm volatile("" : "+r"(sQ));
   const uint32_t sK = sQ + Traits::kOffK;
   const uint32_t sV = sQ + Traits::kOffV;
   uint32_t* sMaskBits = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffMask);
@@ -262,17 +287,22 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   // S = Q K(n)^T, issued (not waited for).
   auto issue_qk = [&](int n) {
     const uint32_t k_base = k_tile(n);
+    // kPersistent: the first k-step overwrites S (scale_d = 0); inside a block's loop over tiles ptxas no
+    // longer folds zeroed accumulators into that step, as it does for the other kernels.
+    if constexpr (!Traits::kPersistent) {
 #pragma unroll
-    for (int j = 0; j < kNFragsS; ++j)
+      for (int j = 0; j < kNFragsS; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[0][j][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc_s[0][j][e] = 0.f;
+    }
     fence_accumulator(acc_s[0]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
       const uint32_t k_off = (kk % 4) * 32;  // k16 steps inside a 128-byte row
       wgmma_ss<Element, kBlockN>(acc_s[0], make_desc(q_wg + (kk / 4) * kQBlock + k_off, 16, kSbo),
-                                 make_desc(k_base + (kk / 4) * kKVBlock + k_off, 16, kSbo), 1);
+                                 make_desc(k_base + (kk / 4) * kKVBlock + k_off, 16, kSbo),
+                                 Traits::kPersistent ? int(kk > 0) : 1);
     }
     wgmma_commit();
   };
@@ -527,8 +557,11 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   __syncthreads();  // O staged; every warp is past its last MMA (sQ, sK and sV free)
   if constexpr (Traits::kPersistent) {
     // The next tile's first copies, under this tile's stores (none for a tile without visible keys).
-    const auto next = persistent_tile<Traits, Element, kIsCausal>(params, max(next_unit, 0), next_second);
-    const bool has_next = next_unit >= 0 && next.n_block_max > 0;
+    const int num_m = (len_q + kBlockM - 1) / kBlockM;
+    sm90::TileCursor nc = ps.cursor;
+    nc.advance(params, num_m, (num_m + 1) / 2);
+    const Sm90FwdBlock<Traits, Element, kIsCausal> next(params, nc.m_block(num_m), nc.h, nc.b);
+    const bool has_next = nc.b < params.batch && next.n_block_max > 0;
     if (has_next) {
       const int nl = next.n_block_max - 1;
       load_tile<kBlockM, kHeadDim, kNThreads>(sQ, next.q_ptr, params.q_stride.row, next.row0, len_q - next.row0,
@@ -565,7 +598,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
 #endif
 }
 
-// kPersistent: the block's tiles in persistent_tile's order.
+// kPersistent: the block's tiles in TileCursor's order.
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
 __device__ __forceinline__ void fwd_sm90_persistent(const FwdParams& params, const sm90::KvTensorMaps& maps) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -573,19 +606,12 @@ __device__ __forceinline__ void fwd_sm90_persistent(const FwdParams& params, con
   __syncthreads();
   const int num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int units_per_head = (num_m + 1) / 2;
-  const int units = units_per_head * params.heads_q * params.batch;
   sm90::PersistentState ps;
-  int u = blockIdx.x;
-  bool second = false;
-  while (u < units) {
-    const int p = u % units_per_head;
-    const bool next_second = !second && p != num_m - 1 - p;  // the unit's other tile, else the next unit's first
-    const int next_u = next_second ? u : u + int(gridDim.x);
-    const auto blk = persistent_tile<Traits, Element, kIsCausal>(params, u, second);
-    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, ps, next_u < units ? next_u : -1,
-                                                       next_second);
-    u = next_u;
-    second = next_second;
+  ps.cursor.first(params, units_per_head);
+  while (ps.cursor.b < params.batch) {
+    const Sm90FwdBlock<Traits, Element, kIsCausal> blk(params, ps.cursor.m_block(num_m), ps.cursor.h, ps.cursor.b);
+    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, ps);
+    ps.cursor.advance(params, num_m, units_per_head);
   }
 }
 
@@ -598,7 +624,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   } else {
     sm90::PersistentState unused;
     const Sm90FwdBlock<Traits, Element, kIsCausal> blk(params);
-    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, unused, -1, false);
+    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, unused);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // sm_90a only; never launched on other devices (see run_fwd_sm90)
