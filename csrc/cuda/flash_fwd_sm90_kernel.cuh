@@ -397,6 +397,14 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     __syncthreads();  // Q and the key padding bits of n_last
     wait_k(n_last);
     issue_qk(n_last);
+    // kPingPong: the MMAs of each iteration are issued in turns, warpgroup 0 first; the last warpgroup does
+    // not pass the turn after its last iteration, so every arrive meets a wait. It passes the first turn once
+    // its softmax of S(n_last) is done, or (kEarlyTurn) once that S is issued, so that warpgroup 0's first
+    // products run under that softmax.
+    constexpr int kNWg = Traits::kBlockM / 64;
+    if constexpr (Traits::kPingPong && Traits::kEarlyTurn) {
+      if (wg == kNWg - 1 && n_last > 0) pass_turn<kNWg>(wg);
+    }
     wgmma_wait<0>();
     fence_accumulator(acc_s[0]);
     done_with_k(n_last);
@@ -406,10 +414,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     softmax_in_place<Traits::kFoldScale, Traits::kEmulateExpEvery>(acc_s, row_max, row_sum, alpha, params.scale_log2);
     pack_p<ET>(acc_s, p_frag);
 
-    // kPingPong: the MMAs of each iteration are issued in turns, warpgroup 0 first; the last warpgroup does
-    // not pass the turn after its last iteration, so every arrive meets a wait.
-    constexpr int kNWg = Traits::kBlockM / 64;
-    if constexpr (Traits::kPingPong) {
+    if constexpr (Traits::kPingPong && !Traits::kEarlyTurn) {
       if (wg == kNWg - 1 && n_last > 0) pass_turn<kNWg>(wg);
     }
     for (int n = n_last - 1; n >= 0; --n) {
@@ -554,7 +559,13 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
           ET::pack(acc_o[0][d][hi * 2] * inv, acc_o[0][d][hi * 2 + 1] * inv);
     }
   }
-  __syncthreads();  // O staged; every warp is past its last MMA (sQ, sK and sV free)
+  // kWgEpilogue: each warpgroup stages and stores its own 64 rows (in its own rows of sQ, which only its S
+  // products read), so that the first to finish does not wait for the other's last products.
+  if constexpr (Traits::kWgEpilogue) {
+    warpgroup_barrier(wg);  // this warpgroup's rows of O staged
+  } else {
+    __syncthreads();  // O staged; every warp is past its last MMA (sQ, sK and sV free)
+  }
   if constexpr (Traits::kPersistent) {
     // The next tile's first copies, under this tile's stores (none for a tile without visible keys).
     const int num_m = (len_q + kBlockM - 1) / kBlockM;
@@ -583,12 +594,15 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     }
     ps.prefetched = has_next;
   }
-  constexpr int kOutChunks = kBlockM * Traits::kChunksPerRow;
-  static_assert(kOutChunks % kNThreads == 0, "output copy splits evenly");
+  constexpr int kOutThreads = Traits::kWgEpilogue ? 128 : kNThreads;
+  constexpr int kOutChunks = (Traits::kWgEpilogue ? 64 : kBlockM) * Traits::kChunksPerRow;
+  static_assert(kOutChunks % kOutThreads == 0, "output copy splits evenly");
+  const int out_tid = Traits::kWgEpilogue ? tid % 128 : tid;
+  const int out_row0 = Traits::kWgEpilogue ? wg * 64 : 0;
 #pragma unroll
-  for (int i = 0; i < kOutChunks / kNThreads; ++i) {
-    const int idx = i * kNThreads + tid;
-    const int r = idx / Traits::kChunksPerRow;
+  for (int i = 0; i < kOutChunks / kOutThreads; ++i) {
+    const int idx = i * kOutThreads + out_tid;
+    const int r = out_row0 + idx / Traits::kChunksPerRow;
     const int c = idx % Traits::kChunksPerRow;
     if (row0 + r < len_q) {
       *reinterpret_cast<uint4*>(blk.o_ptr + static_cast<int64_t>(row0 + r) * kHeadDim + c * 8) =

@@ -125,7 +125,8 @@ struct FwdConfig<256> {
 template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int kStagesV_ = (kOverlap_ ? 2 : 1),
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
-          bool kPingPong_ = false, bool kPersistent_ = false>
+          bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
+          bool kWgEpilogue_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -154,6 +155,12 @@ struct FwdSm90Traits {
   // a tile's O is staged (in a buffer of its own, sO), the block issues the next tile's Q, K and V copies, then
   // writes O out: the next tile's first copies land under this tile's output stores.
   static constexpr bool kPersistent = kPersistent_;
+  // kEarlyTurn (with kPingPong): the last warpgroup passes the first turn as soon as its first S is issued,
+  // not after its first softmax, so that warpgroup 0's first products do not wait for that softmax.
+  static constexpr bool kEarlyTurn = kEarlyTurn_;
+  // kWgEpilogue (with kPingPong, not kPersistent): each warpgroup stages O in its own rows of the Q buffer and
+  // stores them behind a warpgroup barrier instead of a block barrier.
+  static constexpr bool kWgEpilogue = kWgEpilogue_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -201,6 +208,8 @@ struct FwdSm90Traits {
                 "128-key tiles");
   static_assert(!kPingPong || kLastWarpLoads, "kPingPong: two warpgroups that do not meet at block barriers");
   static_assert(!kPersistent || kLastWarpLoads, "kPersistent: the kLastWarpLoads schedule");
+  static_assert(!kEarlyTurn || kPingPong, "kEarlyTurn: the ping-pong schedule");
+  static_assert(!kWgEpilogue || (kPingPong && !kPersistent), "kWgEpilogue: ping-pong tiles staged in sQ");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -247,12 +256,19 @@ struct FwdSm90Traits {
 //       overlap the next tile's first Q, K and V copies; made for short key sequences, where a block's
 //       prologue and epilogue are a large part of it (D = 128 at 1k keys: 0.88x cuDNN, docs/perf.md v22).
 //       Compile-checked, not yet run.
+//   18: 15 with the first ping-pong turn passed once the last warpgroup's first S is issued (kEarlyTurn)
+//       instead of after its first softmax, during which the tensor cores otherwise wait: one such wait
+//       per block, worth most where a block runs few key tiles.
+//   19: 18 with each warpgroup storing its own rows of O behind a warpgroup barrier (kWgEpilogue), so that
+//       warpgroup 0 does not wait at a block barrier for warpgroup 1's last products.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 17, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 19, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
   static constexpr bool kPersistent = kVariant == 17;
-  static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent;
+  static constexpr bool kWgEpilogue = kVariant == 19;
+  static constexpr bool kEarlyTurn = kVariant == 18 || kWgEpilogue;
+  static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent || kEarlyTurn;
   static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
   // The candidate whose flags 12-15 take over.
   static constexpr int kFlags = kLastWarpLoads ? 10 : (kEmulateExpEvery ? (kHeadDim == 64 ? 8 : 10) : kVariant);
@@ -267,7 +283,7 @@ struct FwdSm90Variant {
   using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
-                               kPingPong, kPersistent>;
+                               kPingPong, kPersistent, kEarlyTurn, kWgEpilogue>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
