@@ -20,7 +20,8 @@
 //   With Traits::kLastWarpLoads (two warpgroups, TMA) the key loop has no block barrier: the last warp
 //   done with a stage issues the copy of the tile two steps on into it; with Traits::kPingPong the two
 //   warpgroups also take turns issuing their MMAs (named barriers 3 and 4), so that one's softmax runs
-//   under the other's MMAs.
+//   under the other's MMAs; Traits::kEarlyTurn passes the first turn once the last warpgroup's first S is
+//   issued, and with Traits::kWgEpilogue each warpgroup writes its rows of O behind a warpgroup barrier.
 //   With Traits::kPersistent (on kLastWarpLoads) one block per SM walks several query tiles (TileCursor's
 //   order); once a tile's O is staged in a buffer of its own, the block issues the next tile's Q, K and V
 //   copies and then writes O out, and the stages' mbarriers carry their phases from tile to tile.

@@ -247,7 +247,7 @@ struct FwdSm90Traits {
 //       (kLastWarpLoads), TMA, 10's softmax; one block per SM (160 KB at D = 128, up to 255 registers)
 //       (x 0.83-0.94 / 0.99-1.07 of 10 in one call);
 //   15: 14 with the two warpgroups taking turns on the MMAs (kPingPong, FA3's ping-pong schedule)
-//       (1.18-1.31x / 1.52-1.79x; x 0.80-1.00 / 1.01-1.07 of 10 in one call): the default at D = 128;
+//       (1.18-1.31x / 1.52-1.79x; x 0.80-1.00 / 1.01-1.07 of 10 in one call): the default at D = 128 until 19;
 //   16: 15 with three warpgroups per 192-row block taking turns in round robin, made for D = 64 (163-168
 //       registers without spills there; 308-328 bytes of spills at D = 128) (D = 64: x 0.74-0.98 of 8 at
 //       1k and 4k keys, 1.01-1.10 at 8k and 16k in one call): D = 64's long-key tiles
@@ -255,12 +255,14 @@ struct FwdSm90Traits {
 //   17: 15 persistent (kPersistent): one block per SM walks its query tiles, and each tile's output stores
 //       overlap the next tile's first Q, K and V copies; made for short key sequences, where a block's
 //       prologue and epilogue are a large part of it (D = 128 at 1k keys: 0.88x cuDNN, docs/perf.md v22).
-//       Compile-checked, not yet run.
+//       x 0.93-0.97 of 15 (D = 128; 0.96-0.97 at 1k keys): inside the loop over tiles ptxas builds the
+//       key loop's MMA descriptors on the vector path, 821 instructions an iteration against 15's 761.
 //   18: 15 with the first ping-pong turn passed once the last warpgroup's first S is issued (kEarlyTurn)
 //       instead of after its first softmax, during which the tensor cores otherwise wait: one such wait
-//       per block, worth most where a block runs few key tiles.
+//       per block, worth most where a block runs few key tiles (D = 128: x 0.98-1.02 of 15, within noise);
 //   19: 18 with each warpgroup storing its own rows of O behind a warpgroup barrier (kWgEpilogue), so that
-//       warpgroup 0 does not wait at a block barrier for warpgroup 1's last products.
+//       warpgroup 0 does not wait at a block barrier for warpgroup 1's last products (D = 128, three calls:
+//       x 1.01-1.04 of 15 without a mask at 0.5k-16k keys, x 0.98-1.02 causal): the default at D = 128.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 19, "no wgmma forward variant with this number");
@@ -289,7 +291,7 @@ struct FwdSm90Variant {
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 15
+#define FLASH_FWD_SM90_VARIANT_HDIM128 19
 #endif
 
 // Traits: the head dim's default. SmallGridTraits: the kernel for grids too small for the default's blocks
