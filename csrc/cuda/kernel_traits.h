@@ -262,7 +262,8 @@ struct FwdSm90Traits {
 //       per block, worth most where a block runs few key tiles (D = 128: x 0.98-1.02 of 15, within noise);
 //   19: 18 with each warpgroup storing its own rows of O behind a warpgroup barrier (kWgEpilogue), so that
 //       warpgroup 0 does not wait at a block barrier for warpgroup 1's last products (D = 128, three calls:
-//       x 1.01-1.04 of 15 without a mask at 0.5k-16k keys, x 0.98-1.02 causal): the default at D = 128.
+//       x 1.01-1.06 of 15 without a mask at 0.5k-16k keys, x 0.98-1.02 causal; docs/results/
+//       fwd_sm90_candidates_h200_2026-11-30.md): the default at D = 128.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 19, "no wgmma forward variant with this number");
