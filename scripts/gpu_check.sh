@@ -230,21 +230,32 @@ if [[ " $stages " == *" longkeys "* ]]; then
   done
 fi
 if [[ " $stages " == *" profile "* ]]; then
-  # Nsight Compute on the backward at N = 4096 and D = 128 (PROFILE_HEAD_DIM=64: D = 64), ours (the kernel the
-  # defaults pick: the wgmma one on sm_90) and SDPA's flash kernel (PROFILE_IMPLS="ours" skips it): the summary
-  # sections as text and the full reports (with source lines: the build has -lineinfo) to open in ncu-ui.
+  # Nsight Compute on the backward (PROFILE_DIRECTION=fwd: the forward) at N = PROFILE_SEQLEN (4096) and D = 128
+  # (PROFILE_HEAD_DIM=64: D = 64), ours (the kernel the defaults pick: the wgmma one on sm_90), SDPA's flash
+  # kernel and (PROFILE_IMPLS="ours sdpa cudnn") SDPA's cuDNN kernel; PROFILE_IMPLS="ours" profiles ours only. The
+  # summary sections as text and the full reports (with source lines: the build has -lineinfo) to open in ncu-ui.
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  pdir=${PROFILE_DIRECTION:-bwd}
   for impl in ${PROFILE_IMPLS:-ours sdpa}; do
-    if [ $impl = ours ]; then kernel="regex:bwd_kernel|flash_bwd_sm90_kernel"; flag=""; else kernel=regex:flash_bwd_dq_dk_dv; flag=--sdpa; fi
+    case "$impl:$pdir" in
+      ours:bwd) kernel="regex:bwd_kernel|flash_bwd_sm90_kernel" ;;
+      ours:fwd) kernel="regex:flash_fwd_sm90_kernel|flash_fwd_kernel" ;;
+      sdpa:bwd) kernel=regex:flash_bwd_dq_dk_dv ;;
+      sdpa:fwd) kernel=regex:flash_fwd_kernel ;;
+      cudnn:bwd) kernel="regex:sdpa.*bprop|bprop" ;;
+      cudnn:fwd) kernel="regex:sdpa.*fprop|fprop" ;;
+    esac
+    flag=""; [ $impl != ours ] && flag=--$impl
+    name=${pdir}_$impl
     timeout 200 "$NCU" --kernel-name "$kernel" --launch-skip 1 --launch-count 1 --set full --import-source yes \
-      -f -o "$OUT/bwd_$impl" python3 scripts/profile_bwd.py --head-dim ${PROFILE_HEAD_DIM:-128} --seqlen 4096 $flag > "/tmp/ncu_$impl.log" 2>&1
-    note "ncu $impl backward: rc=$?"
-    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --print-summary per-kernel > "$OUT/bwd_${impl}_summary.txt" 2>&1
+      -f -o "$OUT/$name" python3 scripts/profile_bwd.py --head-dim ${PROFILE_HEAD_DIM:-128} \
+      --seqlen ${PROFILE_SEQLEN:-4096} $flag > "/tmp/ncu_$name.log" 2>&1
+    note "ncu $impl $pdir: rc=$?"
+    "$NCU" --import "$OUT/$name.ncu-rep" --print-summary per-kernel > "$OUT/${name}_summary.txt" 2>&1
     # Text to read without ncu-ui: every metric, and per-SASS-instruction samples and counts.
-    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --page raw --csv > "$OUT/bwd_${impl}_raw.csv" 2>&1
-    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --page source --csv --print-source sass \
-      > "$OUT/bwd_${impl}_sass.csv" 2>&1
-    "$NCU" --import "$OUT/bwd_$impl.ncu-rep" --page details > "$OUT/bwd_${impl}_details.txt" 2>&1
+    "$NCU" --import "$OUT/$name.ncu-rep" --page raw --csv > "$OUT/${name}_raw.csv" 2>&1
+    "$NCU" --import "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/${name}_sass.csv" 2>&1
+    "$NCU" --import "$OUT/$name.ncu-rep" --page details > "$OUT/${name}_details.txt" 2>&1
   done
 fi
 if [[ " $stages " == *" ddp "* ]]; then

@@ -4,7 +4,8 @@
         python3 scripts/profile_bwd.py --head-dim 128 --seqlen 4096
 
 B·N = 16k tokens and H·D = 2048 as in the benchmark grid; bf16. Runs twice so that --launch-skip 1 profiles a
-warm launch. ``--sdpa``: PyTorch's FLASH_ATTENTION kernels instead (``--kernel-name regex:flash_bwd``).
+warm launch. ``--sdpa``: PyTorch's FLASH_ATTENTION kernels instead (``--kernel-name regex:flash_bwd``);
+``--cudnn``: its CUDNN_ATTENTION kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--sdpa", action="store_true", help="PyTorch's FLASH_ATTENTION kernels instead of ours")
+    p.add_argument("--cudnn", action="store_true", help="PyTorch's CUDNN_ATTENTION kernels instead of ours")
     args = p.parse_args(argv)
     ab.load_extension()
     n, d = args.seqlen, args.head_dim
@@ -35,9 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = d**-0.5
     for _ in range(2):
-        if args.sdpa:
+        if args.sdpa or args.cudnn:
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if args.cudnn else SDPBackend.FLASH_ATTENTION):
                 out = F.scaled_dot_product_attention(*leaves, is_causal=args.causal, scale=scale)
             out.backward(dout)
         else:
