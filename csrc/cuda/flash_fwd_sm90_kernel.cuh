@@ -140,9 +140,8 @@ __device__ __forceinline__ void init_kv_barriers(unsigned char* smem_raw, int ti
 template <typename Traits, typename Element, bool kIsCausal>
 using Sm90FwdBlock = fwd_detail::FwdBlock<Element, kIsCausal, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim>;
 
-// One query tile (blk) of a block. kPersistent: ps carries the block's state from tile to tile, and
-// (next_unit, next_second) name the block's next tile (next_unit < 0: none), whose first copies are issued
-// once this tile's O is staged.
+// One query tile (blk) of a block. kPersistent: ps carries the block's state from tile to tile; the block's
+// next tile (ps.cursor advanced) has its first copies issued once this tile's O is staged.
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
 __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm90::KvTensorMaps& maps,
                                               const Sm90FwdBlock<Traits, Element, kIsCausal>& blk,
