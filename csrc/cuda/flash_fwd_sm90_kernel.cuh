@@ -140,6 +140,40 @@ __device__ __forceinline__ void init_kv_barriers(unsigned char* smem_raw, int ti
 template <typename Traits, typename Element, bool kIsCausal>
 using Sm90FwdBlock = fwd_detail::FwdBlock<Element, kIsCausal, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim>;
 
+// Traits::kPrefetchNext: the block one wave on (linear index + num_sms * kMinBlocks, the grid's order) has its
+// Q tile (one line per thread) and its first K and V tiles (thread 0) fetched into L2 while this block runs, so
+// that its first copies, which nothing overlaps, hit L2 instead of DRAM.
+template <typename Traits, typename Element, bool kIsCausal>
+__device__ __forceinline__ void prefetch_next_wave(const FwdParams& params, const sm90::KvTensorMaps& maps, int tid) {
+  // (A grid has fewer than 2^31 blocks: the API layer's shapes are int32.)
+  const uint32_t linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z) +
+                          uint32_t(params.num_sms) * Traits::kMinBlocks;
+  if (linear >= gridDim.x * gridDim.y * gridDim.z) return;
+  const uint32_t x = linear % gridDim.x;
+  const uint32_t yz = linear / gridDim.x;
+  const Sm90FwdBlock<Traits, Element, kIsCausal> next(params, kIsCausal ? int(gridDim.x - 1 - x) : int(x),
+                                                      int(yz % gridDim.y), int(yz / gridDim.y));
+  if (next.n_block_max <= 0) return;
+  constexpr int kLinesPerRow = Traits::kHeadDim * 2 / 128;
+#pragma unroll
+  for (int i = tid; i < Traits::kBlockM * kLinesPerRow; i += Traits::kNThreads) {
+    const int row = next.row0 + i / kLinesPerRow;
+    if (row < next.len_q) {
+      const Element* line = next.q_ptr + int64_t(row) * params.q_stride.row + (i % kLinesPerRow) * 64;
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
+    }
+  }
+  if (tid == 0) {
+    const int n_last = next.n_block_max - 1;
+    const int h_kv = next.h / params.group;
+#pragma unroll
+    for (int cb = 0; cb < Traits::kHeadDim / 64; ++cb) {
+      sm90::tma_prefetch_l2_4d(&maps.k, cb * 64, n_last * Traits::kBlockN, h_kv, next.b);
+      sm90::tma_prefetch_l2_4d(&maps.v, cb * 64, n_last * Traits::kBlockN, h_kv, next.b);
+    }
+  }
+}
+
 // One query tile (blk) of a block. kPersistent: ps carries the block's state from tile to tile; the block's
 // next tile (ps.cursor advanced) has its first copies issued once this tile's O is staged.
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
@@ -388,6 +422,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
       copy_v(n_last);
       if (n_last > 0) copy_v(n_last - 1);
     }
+    if constexpr (Traits::kPrefetchNext) prefetch_next_wave<Traits, Element, kIsCausal>(params, maps, tid);
     if (kHasKpm) {
       publish_kpm(n_last);
       if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
@@ -561,7 +596,21 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   }
   // kWgEpilogue: each warpgroup stages and stores its own 64 rows (in its own rows of sQ, which only its S
   // products read), so that the first to finish does not wait for the other's last products.
-  if constexpr (Traits::kWgEpilogue) {
+  if constexpr (Traits::kTmaStoreO) {
+    // One thread per warpgroup stores its 64 rows, one box per 64 columns, and waits until they are read
+    // (the block's shared memory must outlive the copies).
+    fence_proxy_async();
+    warpgroup_barrier(wg);
+    if (tid % 128 == 0) {
+#pragma unroll
+      for (int cb = 0; cb < kHeadDim / 64; ++cb) {
+        tma_store_4d(&maps.o, sQ + cb * kBlockM * 128 + wg * 64 * 128, cb * 64, row0 + wg * 64, blk.h, blk.b);
+      }
+      bulk_commit();
+      bulk_wait_read<0>();
+    }
+    return;
+  } else if constexpr (Traits::kWgEpilogue) {
     warpgroup_barrier(wg);  // this warpgroup's rows of O staged
   } else {
     __syncthreads();  // O staged; every warp is past its last MMA (sQ, sK and sV free)
@@ -660,6 +709,12 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::K
   }
 }
 
+// The output's strides: (B, Hq, Nq, D), contiguous.
+inline Strides4 out_strides(const FwdParams& params, int head_dim) {
+  const int64_t head = int64_t(params.len_q) * head_dim;
+  return Strides4{params.heads_q * head, head, head_dim};
+}
+
 // Launcher: grid (query tiles, Hq, B); the requirements of run_fwd, plus an sm_90 device. Tiles with
 // kTma fall back to cp.async copies when a tensor map of K or V cannot be made (e.g. a stride the copy
 // engine cannot address); tiles with kFoldScale hand a scale that is not positive to the mma.sync kernel.
@@ -678,7 +733,10 @@ void run_fwd_sm90_tiles(const FwdParams& params, cudaStream_t stream) {
         make_tensor_map_4d(&maps.k, params.k, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
                            params.k_stride, Traits::kBlockN) &&
         make_tensor_map_4d(&maps.v, params.v, kBf16, params.batch, params.heads_kv, params.len_k, HeadDim,
-                           params.v_stride, Traits::kBlockN);
+                           params.v_stride, Traits::kBlockN) &&
+        (!Traits::kTmaStoreO ||
+         make_tensor_map_4d(&maps.o, params.out, kBf16, params.batch, params.heads_q, params.len_q, HeadDim,
+                            out_strides(params, HeadDim), 64));
     if (mapped) {
       launch_fwd_sm90<Traits, Element>(params, stream, maps);
       return;

@@ -126,7 +126,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
           bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
-          bool kWgEpilogue_ = false>
+          bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -161,6 +161,12 @@ struct FwdSm90Traits {
   // kWgEpilogue (with kPingPong, not kPersistent): each warpgroup stages O in its own rows of the Q buffer and
   // stores them behind a warpgroup barrier instead of a block barrier.
   static constexpr bool kWgEpilogue = kWgEpilogue_;
+  // kPrefetchNext (not kPersistent): each block has the block one wave on (its linear index plus num_sms *
+  // kMinBlocks) fetch its Q tile and first K and V tiles into L2, so that block's first copies hit L2.
+  static constexpr bool kPrefetchNext = kPrefetchNext_;
+  // kTmaStoreO (with kWgEpilogue): one thread of each warpgroup stores its staged rows of O with bulk tensor
+  // copies (a tensor map of the output) instead of 16-byte stores from every thread.
+  static constexpr bool kTmaStoreO = kTmaStoreO_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -210,6 +216,8 @@ struct FwdSm90Traits {
   static_assert(!kPersistent || kLastWarpLoads, "kPersistent: the kLastWarpLoads schedule");
   static_assert(!kEarlyTurn || kPingPong, "kEarlyTurn: the ping-pong schedule");
   static_assert(!kWgEpilogue || (kPingPong && !kPersistent), "kWgEpilogue: ping-pong tiles staged in sQ");
+  static_assert(!kPrefetchNext || (kTma && !kPersistent), "kPrefetchNext: TMA tiles of a grid of waves");
+  static_assert(!kTmaStoreO || kWgEpilogue, "kTmaStoreO: each warpgroup's rows of O staged in sQ");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -264,12 +272,20 @@ struct FwdSm90Traits {
 //       warpgroup 0 does not wait at a block barrier for warpgroup 1's last products (D = 128, three calls:
 //       x 1.01-1.06 of 15 without a mask at 0.5k-16k keys, x 0.98-1.02 causal; docs/results/
 //       fwd_sm90_candidates_h200_2026-11-30.md): the default at D = 128.
+//   20: 19 with each block fetching the Q tile and first K and V tiles of the block one wave on into L2
+//       (kPrefetchNext): at 1k keys a block spends about a tenth of its samples before its first MMA, most
+//       of it waiting for Q and K(n_last) (ncu, docs/perf.md v24).
+//   21: 19 with O stored by bulk tensor copies, one thread per warpgroup (kTmaStoreO): the per-thread stores
+//       and their address math were most of the 7 % of samples after the last MMA (same profile);
+//   22: 20 and 21 together.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 19, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 22, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
   static constexpr bool kPersistent = kVariant == 17;
-  static constexpr bool kWgEpilogue = kVariant == 19;
+  static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
+  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22;
+  static constexpr bool kWgEpilogue = kVariant == 19 || kPrefetchNext || kTmaStoreO;
   static constexpr bool kEarlyTurn = kVariant == 18 || kWgEpilogue;
   static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent || kEarlyTurn;
   static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
@@ -286,7 +302,7 @@ struct FwdSm90Variant {
   using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
-                               kPingPong, kPersistent, kEarlyTurn, kWgEpilogue>;
+                               kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8

@@ -22,6 +22,7 @@ namespace sm90 {
 struct KvTensorMaps {
   CUtensorMap k;
   CUtensorMap v;
+  CUtensorMap o;  // the output, 64-row boxes (FwdSm90Traits::kTmaStoreO)
 };
 // The backward's: Q and dO (flash_bwd_sm90_kernel.cuh, kTmaQdo).
 struct QdoTensorMaps {
@@ -66,6 +67,26 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar)
       : "memory");
+}
+
+// The same box fetched into L2 only (a hint: no barrier, nothing written to shared memory).
+__device__ __forceinline__ void tma_prefetch_l2_4d(const CUtensorMap* map, int col, int row, int head, int batch) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(col), "r"(row), "r"(head), "r"(batch)
+               : "memory");
+}
+
+// Box {64 elements, rows, 1, 1} from src (1024-byte aligned, swizzled like a loaded box) into the tensor map's
+// tensor at {col, row, head, batch}, in a bulk group of the calling thread (bulk_commit, bulk_wait_read in
+// wgmma.cuh); rows past the tensor's end are not written. Shared memory written through the generic proxy is
+// fenced (fence_proxy_async) before the issue.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int col, int row, int head,
+                                             int batch) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(col), "r"(row), "r"(head), "r"(batch), "r"(src)
+               : "memory");
 }
 
 }  // namespace sm90
