@@ -274,10 +274,13 @@ struct FwdSm90Traits {
 //       fwd_sm90_candidates_h200_2026-11-30.md): the default at D = 128.
 //   20: 19 with each block fetching the Q tile and first K and V tiles of the block one wave on into L2
 //       (kPrefetchNext): at 1k keys a block spends about a tenth of its samples before its first MMA, most
-//       of it waiting for Q and K(n_last) (ncu, docs/perf.md v24).
+//       of it waiting for Q and K(n_last) (ncu, docs/perf.md v24). D = 128: x 1.00-1.01 of 19 at 1k keys,
+//       0.95-1.00 at 4k-16k (one call);
 //   21: 19 with O stored by bulk tensor copies, one thread per warpgroup (kTmaStoreO): the per-thread stores
-//       and their address math were most of the 7 % of samples after the last MMA (same profile);
-//   22: 20 and 21 together.
+//       and their address math were most of the 7 % of samples after the last MMA (same profile). D = 128:
+//       x 1.01-1.03 of 19 at 1k keys, 0.96-1.00 at 4k-16k (same call);
+//   22: 20 and 21 together: x 1.01-1.02 at 1k keys, 0.96-1.01 at 4k-16k (same call); timed in turn with 19,
+//       1.03-1.04 at 0.5k keys, 0.99-1.03 at 1k-2k (docs/results/fwd_sm90_candidates_h200_2026-11-30.md).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 22, "no wgmma forward variant with this number");
