@@ -416,12 +416,15 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
         copy_v(n - 2);
       }
     };
-    // Both stages of each ring are free: K(n_last) is on its way, K(n_last - 1), V(n_last), V(n_last - 1).
-    if (tid == 0 && issue_first) {
+    // Both stages of each ring are free: K(n_last) is on its way, K(n_last - 1), V(n_last), V(n_last - 1)
+    // (kLateFirstCopies: below, once K(n_last) has landed).
+    constexpr int kNWg = Traits::kBlockM / 64;
+    auto copy_first_tiles = [&]() {
       if (n_last > 0) copy_k(n_last - 1);
       copy_v(n_last);
       if (n_last > 0) copy_v(n_last - 1);
-    }
+    };
+    if (!Traits::kLateFirstCopies && tid == 0 && issue_first) copy_first_tiles();
     if constexpr (Traits::kPrefetchNext) prefetch_next_wave<Traits, Element, kIsCausal>(params, maps, tid);
     if (kHasKpm) {
       publish_kpm(n_last);
@@ -436,9 +439,11 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     // not pass the turn after its last iteration, so every arrive meets a wait. It passes the first turn once
     // its softmax of S(n_last) is done, or (kEarlyTurn) once that S is issued, so that warpgroup 0's first
     // products run under that softmax.
-    constexpr int kNWg = Traits::kBlockM / 64;
     if constexpr (Traits::kPingPong && Traits::kEarlyTurn) {
       if (wg == kNWg - 1 && n_last > 0) pass_turn<kNWg>(wg);
+    }
+    if constexpr (Traits::kLateFirstCopies) {
+      if (tid == (kNWg - 1) * 128) copy_first_tiles();
     }
     wgmma_wait<0>();
     fence_accumulator(acc_s[0]);

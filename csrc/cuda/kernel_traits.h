@@ -126,7 +126,8 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int
           int kMinBlocks_ = 1, bool kTma_ = false, bool kPinSoftmax_ = false, bool kFoldScale_ = false,
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
           bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
-          bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false>
+          bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false,
+          bool kLateFirstCopies_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -167,6 +168,11 @@ struct FwdSm90Traits {
   // kTmaStoreO (with kWgEpilogue): one thread of each warpgroup stores its staged rows of O with bulk tensor
   // copies (a tensor map of the output) instead of 16-byte stores from every thread.
   static constexpr bool kTmaStoreO = kTmaStoreO_;
+  // kLateFirstCopies (kLastWarpLoads, not kPersistent): a block's first copies are Q and K(n_last) only; the
+  // first thread of the last warpgroup issues K(n_last - 1), V(n_last) and V(n_last - 1) once K(n_last) has
+  // landed and its first S is issued, so that those 96 KB do not share the SM's bandwidth with the first two
+  // tiles the first S waits for.
+  static constexpr bool kLateFirstCopies = kLateFirstCopies_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -218,6 +224,7 @@ struct FwdSm90Traits {
   static_assert(!kWgEpilogue || (kPingPong && !kPersistent), "kWgEpilogue: ping-pong tiles staged in sQ");
   static_assert(!kPrefetchNext || (kTma && !kPersistent), "kPrefetchNext: TMA tiles of a grid of waves");
   static_assert(!kTmaStoreO || kWgEpilogue, "kTmaStoreO: each warpgroup's rows of O staged in sQ");
+  static_assert(!kLateFirstCopies || (kLastWarpLoads && !kPersistent), "kLateFirstCopies: one tile per block");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -281,14 +288,19 @@ struct FwdSm90Traits {
 //       x 1.01-1.03 of 19 at 1k keys, 0.96-1.00 at 4k-16k (same call);
 //   22: 20 and 21 together: x 1.01-1.02 at 1k keys, 0.96-1.01 at 4k-16k (same call); timed in turn with 19,
 //       1.03-1.04 at 0.5k keys, 0.99-1.03 at 1k-2k (docs/results/fwd_sm90_candidates_h200_2026-11-30.md).
+//   23: 19 with a block's copies of K(n_last - 1), V(n_last) and V(n_last - 1) issued once K(n_last) has landed
+//       (kLateFirstCopies), so that its first S waits for 64 KB instead of 160 KB where the copies share
+//       the SM's bandwidth;
+//   24: 23 with 21's output stores (kTmaStoreO).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 22, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 24, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
   static constexpr bool kPersistent = kVariant == 17;
   static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
-  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22;
-  static constexpr bool kWgEpilogue = kVariant == 19 || kPrefetchNext || kTmaStoreO;
+  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24;
+  static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24;
+  static constexpr bool kWgEpilogue = kVariant == 19 || kPrefetchNext || kTmaStoreO || kLateFirstCopies;
   static constexpr bool kEarlyTurn = kVariant == 18 || kWgEpilogue;
   static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent || kEarlyTurn;
   static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
@@ -305,7 +317,8 @@ struct FwdSm90Variant {
   using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
-                               kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO>;
+                               kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
+                               kLateFirstCopies>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
