@@ -278,7 +278,7 @@ struct FwdSm90Traits {
 //   19: 18 with each warpgroup storing its own rows of O behind a warpgroup barrier (kWgEpilogue), so that
 //       warpgroup 0 does not wait at a block barrier for warpgroup 1's last products (D = 128, three calls:
 //       x 1.01-1.06 of 15 without a mask at 0.5k-16k keys, x 0.98-1.02 causal; docs/results/
-//       fwd_sm90_candidates_h200_2026-11-30.md): the default at D = 128.
+//       fwd_sm90_candidates_h200_2026-11-30.md): the default at D = 128 until 24.
 //   20: 19 with each block fetching the Q tile and first K and V tiles of the block one wave on into L2
 //       (kPrefetchNext): at 1k keys a block spends about a tenth of its samples before its first MMA, most
 //       of it waiting for Q and K(n_last) (ncu, docs/perf.md v24). D = 128: x 1.00-1.01 of 19 at 1k keys,
@@ -291,7 +291,7 @@ struct FwdSm90Traits {
 //   23: 19 with a block's copies of K(n_last - 1), V(n_last) and V(n_last - 1) issued once K(n_last) has landed
 //       (kLateFirstCopies), so that its first S waits for 64 KB instead of 160 KB where the copies share
 //       the SM's bandwidth;
-//   24: 23 with 21's output stores (kTmaStoreO).
+//   24: 23 with 21's output stores (kTmaStoreO): the default at D = 128 (docs/perf.md v24).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 24, "no wgmma forward variant with this number");
@@ -324,7 +324,7 @@ struct FwdSm90Variant {
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 19
+#define FLASH_FWD_SM90_VARIANT_HDIM128 24
 #endif
 
 // Traits: the head dim's default. SmallGridTraits: the kernel for grids too small for the default's blocks
