@@ -290,8 +290,10 @@ struct FwdSm90Traits {
 //       1.03-1.04 at 0.5k keys, 0.99-1.03 at 1k-2k (docs/results/fwd_sm90_candidates_h200_2026-11-30.md).
 //   23: 19 with a block's copies of K(n_last - 1), V(n_last) and V(n_last - 1) issued once K(n_last) has landed
 //       (kLateFirstCopies), so that its first S waits for 64 KB instead of 160 KB where the copies share
-//       the SM's bandwidth;
-//   24: 23 with 21's output stores (kTmaStoreO): the default at D = 128 (docs/perf.md v24).
+//       the SM's bandwidth (D = 128, timed in turn with 19: x 1.00-1.03 at 1k keys, 0.98-1.03 at 4k);
+//   24: 23 with 21's output stores (kTmaStoreO): the default at D = 128 (docs/perf.md v24). Timed in turn with
+//       19 on two machine starts: x 1.01-1.04 at 1k keys (every round), 0.99-1.01 at 4k and 16k (means of the
+//       second start's three rounds; single rounds 0.98-1.02).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 24, "no wgmma forward variant with this number");
