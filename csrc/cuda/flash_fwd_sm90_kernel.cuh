@@ -64,6 +64,10 @@ __device__ __forceinline__ void keep_above_wait(float (&acc_s)[NF][4], float (&r
   if (row_sum[0][0] < -1.f) __trap();
 }
 
+// x broadcast from lane 0 (x is the same in every lane): ptxas takes the result for warp-uniform and may keep it,
+// and what is computed from it, on the uniform datapath (Traits::kUniformKeyIndex).
+__device__ __forceinline__ int uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
+
 // Ping-pong turns of kNWg warpgroups (Traits::kPingPong) in round robin, on named barriers 1 + kNWg + wg
 // (after the warpgroup barriers 1 .. kNWg), 256 threads each: warpgroup wg waits on its barrier for its turn,
 // then passes the turn with a non-blocking arrive on the next one's. Turns go round in order, so a barrier
@@ -457,7 +461,8 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     if constexpr (Traits::kPingPong && !Traits::kEarlyTurn) {
       if (wg == kNWg - 1 && n_last > 0) pass_turn<kNWg>(wg);
     }
-    for (int n = n_last - 1; n >= 0; --n) {
+    for (int n_iter = n_last - 1; n_iter >= 0; --n_iter) {
+      const int n = Traits::kUniformKeyIndex ? uniform(n_iter) : n_iter;
       if (kHasKpm) {
         publish_kpm(n);
         warpgroup_barrier(wg);  // this warpgroup's bits of tile n are stored, and those of n + 2 read

@@ -127,7 +127,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
           bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
           bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false,
-          bool kLateFirstCopies_ = false>
+          bool kLateFirstCopies_ = false, bool kUniformKeyIndex_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -173,6 +173,10 @@ struct FwdSm90Traits {
   // landed and its first S is issued, so that those 96 KB do not share the SM's bandwidth with the first two
   // tiles the first S waits for.
   static constexpr bool kLateFirstCopies = kLateFirstCopies_;
+  // kUniformKeyIndex (kLastWarpLoads): the key loop's tile index is broadcast from lane 0 every iteration
+  // (__shfl_sync), which ptxas knows to be warp-uniform: inside a persistent block's loop over tiles it otherwise
+  // keeps the index on the vector path and builds the K and V descriptors there (sm90::uniform).
+  static constexpr bool kUniformKeyIndex = kUniformKeyIndex_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -225,6 +229,7 @@ struct FwdSm90Traits {
   static_assert(!kPrefetchNext || (kTma && !kPersistent), "kPrefetchNext: TMA tiles of a grid of waves");
   static_assert(!kTmaStoreO || kWgEpilogue, "kTmaStoreO: each warpgroup's rows of O staged in sQ");
   static_assert(!kLateFirstCopies || (kLastWarpLoads && !kPersistent), "kLateFirstCopies: one tile per block");
+  static_assert(!kUniformKeyIndex || kLastWarpLoads, "kUniformKeyIndex: the kLastWarpLoads key loop");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -294,11 +299,16 @@ struct FwdSm90Traits {
 //   24: 23 with 21's output stores (kTmaStoreO): the default at D = 128 (docs/perf.md v24). Timed in turn with
 //       19 on two machine starts: x 1.01-1.04 at 1k keys (every round), 0.99-1.01 at 4k and 16k (means of the
 //       second start's three rounds; single rounds 0.98-1.02).
+//   25: 17 with the key loop's tile index broadcast from lane 0 every iteration (kUniformKeyIndex): ptxas then
+//       builds the K and V descriptors on the uniform path inside the loop over tiles, as it does for 19: key
+//       loop 783 / 852 / 827 / 877 instructions (no mask, padding, causal, both) against 17's 821 / 898 / 855 /
+//       923 and 19's 761 / 849 / 792 / 865; 216-233 registers, no spills. Not yet timed.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 24, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 25, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
-  static constexpr bool kPersistent = kVariant == 17;
+  static constexpr bool kPersistent = kVariant == 17 || kVariant == 25;
+  static constexpr bool kUniformKeyIndex = kVariant == 25;
   static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
   static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24;
   static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24;
@@ -320,7 +330,7 @@ struct FwdSm90Variant {
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
-                               kLateFirstCopies>;
+                               kLateFirstCopies, kUniformKeyIndex>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
