@@ -122,6 +122,7 @@ struct PersistentState {
   TileCursor cursor;
   uint32_t parity = 0;      // bit s: the phase parity of K stage s's mbarrier at the tile's start; bit 2 + s: V's
   bool prefetched = false;  // the tile's Q, K and V copies were issued by the tile before
+  uint32_t qbuf = 0;        // Traits::kPrefetchQ: the Q buffer of the tile
 };
 
 // The K and V stages' mbarriers (and, kLastWarpLoads, the warp counts), by thread 0, before a block barrier.
@@ -217,6 +218,8 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   if constexpr (Traits::kPersistent) asm volatile("" : "+r"(sQ));
   const uint32_t sK = sQ + Traits::kOffK;
   const uint32_t sV = sQ + Traits::kOffV;
+  // This tile's Q (kPrefetchQ: one of two buffers, in turn; the other one receives the next tile's Q).
+  const uint32_t sQ_tile = Traits::kPrefetchQ ? sQ + ps.qbuf * Traits::kQBytes : sQ;
   uint32_t* sMaskBits = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffMask);
   constexpr int kMaskWords = Traits::kMaskWords;
   // Stages of key tile n in the K ring (and its mask words) and the V ring: tiles alternate stages.
@@ -274,11 +277,21 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     __syncthreads();
   }
 
+  // kPersistent: the block's next tile, and whether it has keys to visit (this tile then issues its first copies).
+  auto next_tile = [&](bool& has_next) {
+    const int num_m = (len_q + kBlockM - 1) / kBlockM;
+    sm90::TileCursor nc = ps.cursor;
+    nc.advance(params, num_m, (num_m + 1) / 2);
+    const Sm90FwdBlock<Traits, Element, kIsCausal> next(params, nc.m_block(num_m), nc.h, nc.b);
+    has_next = nc.b < params.batch && next.n_block_max > 0;
+    return next;
+  };
   // kPersistent: the tile before issued this tile's first copies (Q, K(n_last), and below K(n_last - 1),
   // V(n_last), V(n_last - 1)).
   const bool issue_first = !(Traits::kPersistent && ps.prefetched);
   if (issue_first) {
-    load_tile<kBlockM, kHeadDim, kNThreads>(sQ, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid, params.q);
+    load_tile<kBlockM, kHeadDim, kNThreads>(sQ_tile, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid,
+                                            params.q);
     load_k(n_last);
   }
   cp_async_commit();
@@ -317,7 +330,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   }
 
   // Descriptor start addresses: this warpgroup's 64 rows of Q; K / V tiles from k_tile / v_tile.
-  const uint32_t q_wg = sQ + wg * 64 * 128;
+  const uint32_t q_wg = sQ_tile + wg * 64 * 128;
   constexpr uint32_t kSbo = 8 * 128;            // 8 rows of 128 bytes
   constexpr uint32_t kQBlock = kBlockM * 128;   // next 64 columns of Q
   constexpr uint32_t kKVBlock = kBlockN * 128;  // next 64 columns of K / V
@@ -448,6 +461,15 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     }
     if constexpr (Traits::kLateFirstCopies) {
       if (tid == (kNWg - 1) * 128) copy_first_tiles();
+    }
+    if constexpr (Traits::kPrefetchQ) {  // the next tile's Q into the other buffer, under this S
+      bool has_next;
+      const auto next = next_tile(has_next);
+      if (has_next) {
+        load_tile<kBlockM, kHeadDim, kNThreads>(sQ + (ps.qbuf ^ 1u) * Traits::kQBytes, next.q_ptr, params.q_stride.row,
+                                                next.row0, len_q - next.row0, tid, params.q);
+        cp_async_commit();
+      }
     }
     wgmma_wait<0>();
     fence_accumulator(acc_s[0]);
@@ -626,17 +648,17 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     __syncthreads();  // O staged; every warp is past its last MMA (sQ, sK and sV free)
   }
   if constexpr (Traits::kPersistent) {
-    // The next tile's first copies, under this tile's stores (none for a tile without visible keys).
-    const int num_m = (len_q + kBlockM - 1) / kBlockM;
-    sm90::TileCursor nc = ps.cursor;
-    nc.advance(params, num_m, (num_m + 1) / 2);
-    const Sm90FwdBlock<Traits, Element, kIsCausal> next(params, nc.m_block(num_m), nc.h, nc.b);
-    const bool has_next = nc.b < params.batch && next.n_block_max > 0;
+    // The next tile's first copies, under this tile's stores (none for a tile without visible keys; kPrefetchQ:
+    // its Q is on its way already, into the other buffer).
+    bool has_next;
+    const auto next = next_tile(has_next);
     if (has_next) {
       const int nl = next.n_block_max - 1;
-      load_tile<kBlockM, kHeadDim, kNThreads>(sQ, next.q_ptr, params.q_stride.row, next.row0, len_q - next.row0,
-                                              tid, params.q);
-      cp_async_commit();
+      if constexpr (!Traits::kPrefetchQ) {
+        load_tile<kBlockM, kHeadDim, kNThreads>(sQ, next.q_ptr, params.q_stride.row, next.row0, len_q - next.row0,
+                                                tid, params.q);
+        cp_async_commit();
+      }
       if (tid == 0) {
         const int head_kv = next.h / params.group;
         tma_tile(&maps.k, k_tile(nl), bar_k + 8 * stage(nl), nl, head_kv, next.b);
@@ -652,6 +674,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
       if (uses % 2 == 1) ps.parity ^= (1u << st) | (1u << (2 + st));
     }
     ps.prefetched = has_next;
+    if (Traits::kPrefetchQ && has_next) ps.qbuf ^= 1u;
   }
   constexpr int kOutThreads = Traits::kWgEpilogue ? 128 : kNThreads;
   constexpr int kOutChunks = (Traits::kWgEpilogue ? 64 : kBlockM) * Traits::kChunksPerRow;

@@ -127,7 +127,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
           bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
           bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false,
-          bool kLateFirstCopies_ = false, bool kUniformKeyIndex_ = false>
+          bool kLateFirstCopies_ = false, bool kUniformKeyIndex_ = false, bool kPrefetchQ_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -177,6 +177,10 @@ struct FwdSm90Traits {
   // (__shfl_sync), which ptxas knows to be warp-uniform: inside a persistent block's loop over tiles it otherwise
   // keeps the index on the vector path and builds the K and V descriptors there (sm90::uniform).
   static constexpr bool kUniformKeyIndex = kUniformKeyIndex_;
+  // kPrefetchQ (kPersistent): two Q buffers; a tile copies the next tile's Q into the other one while its own first
+  // S runs, so that the next tile does not wait for its Q (its K and V still come from this tile's epilogue).
+  static constexpr bool kPrefetchQ = kPrefetchQ_;
+  static constexpr int kQBuffers = kPrefetchQ ? 2 : 1;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -197,7 +201,8 @@ struct FwdSm90Traits {
   static constexpr int kChunksPerRow = kHeadDim / 8;
 
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-  static constexpr int kOffK = kBlockM * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;  // one Q buffer
+  static constexpr int kOffK = kQBuffers * kQBytes;
   static constexpr int kOffV = kOffK + kStagesK * kTileKVBytes;
   static constexpr int kOffMask = kOffV + kStagesV * kTileKVBytes;
   static constexpr int kMaskWords = kBlockN / 32;  // per K stage (and, with kLastWarpLoads, warpgroup)
@@ -230,6 +235,7 @@ struct FwdSm90Traits {
   static_assert(!kTmaStoreO || kWgEpilogue, "kTmaStoreO: each warpgroup's rows of O staged in sQ");
   static_assert(!kLateFirstCopies || (kLastWarpLoads && !kPersistent), "kLateFirstCopies: one tile per block");
   static_assert(!kUniformKeyIndex || kLastWarpLoads, "kUniformKeyIndex: the kLastWarpLoads key loop");
+  static_assert(!kPrefetchQ || kPersistent, "kPrefetchQ: a persistent block's next tile");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -303,12 +309,16 @@ struct FwdSm90Traits {
 //       builds the K and V descriptors on the uniform path inside the loop over tiles, as it does for 19: key
 //       loop 783 / 852 / 827 / 877 instructions (no mask, padding, causal, both) against 17's 821 / 898 / 855 /
 //       923 and 19's 761 / 849 / 792 / 865; 216-233 registers, no spills. Not yet timed.
+//   26: 25 with the next tile's Q copied into a second Q buffer while a tile's first S runs (kPrefetchQ; 225 KB
+//       of shared memory at D = 128): a block's wait for Q was 3.7 % of its samples at 1k keys (19, ncu,
+//       docs/perf.md v24), and 17 issued that copy only in the epilogue. Not yet timed.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 25, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 26, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
-  static constexpr bool kPersistent = kVariant == 17 || kVariant == 25;
-  static constexpr bool kUniformKeyIndex = kVariant == 25;
+  static constexpr bool kPrefetchQ = kVariant == 26;
+  static constexpr bool kPersistent = kVariant == 17 || kVariant == 25 || kPrefetchQ;
+  static constexpr bool kUniformKeyIndex = kVariant == 25 || kPrefetchQ;
   static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
   static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24;
   static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24;
@@ -330,7 +340,7 @@ struct FwdSm90Variant {
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
-                               kLateFirstCopies, kUniformKeyIndex>;
+                               kLateFirstCopies, kUniformKeyIndex, kPrefetchQ>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
