@@ -213,7 +213,7 @@ struct FwdSm90Traits {
   static constexpr int kBarBytes = 8 * (kStagesK + kStagesV) + (kLastWarpLoads ? 4 * (kStagesK + kStagesV) : 0);
   static constexpr int kOffO = kOffBar + (kTma ? 16 * ((kBarBytes + 15) / 16) : 0);  // kPersistent: sO
   static constexpr int kOffOAligned = (kOffO + 1023) / 1024 * 1024;
-  static constexpr int kSmemBytes = kPersistent ? kOffOAligned + kBlockM * kHeadDim * 2 : kOffO;
+  static constexpr int kSmemBytes = kPersistent ? kOffOAligned + kQBytes : kOffO;  // sO: one Q buffer
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
