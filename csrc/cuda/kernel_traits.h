@@ -308,10 +308,14 @@ struct FwdSm90Traits {
 //   25: 17 with the key loop's tile index broadcast from lane 0 every iteration (kUniformKeyIndex): ptxas then
 //       builds the K and V descriptors on the uniform path inside the loop over tiles, as it does for 19: key
 //       loop 783 / 852 / 827 / 877 instructions (no mask, padding, causal, both) against 17's 821 / 898 / 855 /
-//       923 and 19's 761 / 849 / 792 / 865; 216-233 registers, no spills. Not yet timed.
+//       923 and 19's 761 / 849 / 792 / 865; 216-233 registers, no spills. In one call against 24: D = 128
+//       x 0.92-0.99 (0.95-0.99 at 1k keys), D = 64 0.89-0.94. At 16k keys (ncu) its tiles spread unevenly over
+//       the SMs (tensor pipe 57-65 % per SM against 24's 67-72 %) and its warpgroups wait 1.4x as long at the
+//       turn's named barrier (docs/perf.md v25).
 //   26: 25 with the next tile's Q copied into a second Q buffer while a tile's first S runs (kPrefetchQ; 225 KB
 //       of shared memory at D = 128): a block's wait for Q was 3.7 % of its samples at 1k keys (19, ncu,
-//       docs/perf.md v24), and 17 issued that copy only in the epilogue. Not yet timed.
+//       docs/perf.md v24), and 17 issued that copy only in the epilogue. In one call against 24: D = 128
+//       x 0.88-0.99, D = 64 0.87-0.96 (the same call as 25's numbers).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 26, "no wgmma forward variant with this number");
