@@ -339,11 +339,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const uint32_t k_cols = Traits::kDqSplitColumns ? sK + wg * kKVBlock : sK;
     // kDqSplitRows: this warpgroup's 64 queries are the 64-column block wg of dS^T.
     const uint32_t ds_tile = sdS + st * Traits::kTiledSBytes + (Traits::kDqSplitRows ? wg * kKVBlock : 0);
+    const uint64_t ds_desc = make_desc(ds_tile, kBlockN * 128, kSbo), k_desc = make_desc(k_cols, kKVBlock, kSbo);
 #pragma unroll
     for (int kk = 0; kk < Traits::kDqKSteps; ++kk) {
       const uint32_t rows = (key_base + kk * 16) * 128;
-      wgmma_ss<T, Traits::kDqCols, true, true>(dq, make_desc(ds_tile + rows, kBlockN * 128, kSbo),
-                                                make_desc(k_cols + rows, kKVBlock, kSbo),
+      wgmma_ss<T, Traits::kDqCols, true, true>(dq, desc_add(ds_desc, rows), desc_add(k_desc, rows),
                                                 Traits::kDeferDq && kk == 0 ? 0 : 1);
     }
   };
@@ -495,16 +495,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_accumulator(s[0]);
     fence_accumulator(dp[0]);
     wgmma_fence();
+    const uint64_t k_desc = make_desc(k_wg, 16, kSbo), q_desc = make_desc(sQ, 16, kSbo);
+    const uint64_t v_desc = make_desc(v_wg, 16, kSbo), do_desc = make_desc(sdO, 16, kSbo);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t off = (kk / 4) * kKVBlock + (kk % 4) * 32, q_off = (kk / 4) * kQBlock + (kk % 4) * 32;
-      wgmma_ss<T, kBlockM>(s[0], make_desc(k_wg + off, 16, kSbo), make_desc(sQ + q_off, 16, kSbo), 1);
+      wgmma_ss<T, kBlockM>(s[0], desc_add(k_desc, off), desc_add(q_desc, q_off), 1);
     }
     if constexpr (Traits::kSplitSdP) wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t off = (kk / 4) * kKVBlock + (kk % 4) * 32, q_off = (kk / 4) * kQBlock + (kk % 4) * 32;
-      wgmma_ss<T, kBlockM>(dp[0], make_desc(v_wg + off, 16, kSbo), make_desc(sdO + q_off, 16, kSbo), 1);
+      wgmma_ss<T, kBlockM>(dp[0], desc_add(v_desc, off), desc_add(do_desc, q_off), 1);
     }
     wgmma_commit();
     if constexpr (Traits::kDeferDq) {
@@ -578,17 +580,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_accumulator(dv);
     fence_accumulator(dk);
     wgmma_fence();
+    const uint64_t do_mn_desc = make_desc(sdO, kQBlock, kSbo), q_mn_desc = make_desc(sQ, kQBlock, kSbo);
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
       const uint32_t pa[4] = {p_frag[0][2 * kk][0], p_frag[0][2 * kk][1], p_frag[0][2 * kk + 1][0],
                               p_frag[0][2 * kk + 1][1]};
-      wgmma_rs<T, D>(dv, pa, make_desc(sdO + kk * 16 * 128, kQBlock, kSbo), 1);
+      wgmma_rs<T, D>(dv, pa, desc_add(do_mn_desc, kk * 16 * 128), 1);
     }
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
       const uint32_t da[4] = {ds_frag[0][2 * kk][0], ds_frag[0][2 * kk][1], ds_frag[0][2 * kk + 1][0],
                               ds_frag[0][2 * kk + 1][1]};
-      wgmma_rs<T, D>(dk, da, make_desc(sQ + kk * 16 * 128, kQBlock, kSbo), 1);
+      wgmma_rs<T, D>(dk, da, desc_add(q_mn_desc, kk * 16 * 128), 1);
     }
     wgmma_commit();
 

@@ -329,15 +329,16 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     kpm_next = fetch_kpm(n_last);
   }
 
-  // Descriptor start addresses: this warpgroup's 64 rows of Q; K / V tiles from k_tile / v_tile.
-  const uint32_t q_wg = sQ_tile + wg * 64 * 128;
+  // Descriptors: this warpgroup's 64 rows of Q; K / V tiles from k_tile / v_tile. Each k-step's descriptor is
+  // the tile's plus its byte offset (desc_add).
   constexpr uint32_t kSbo = 8 * 128;            // 8 rows of 128 bytes
   constexpr uint32_t kQBlock = kBlockM * 128;   // next 64 columns of Q
   constexpr uint32_t kKVBlock = kBlockN * 128;  // next 64 columns of K / V
+  const uint64_t q_desc = make_desc(sQ_tile + wg * 64 * 128, 16, kSbo);
 
   // S = Q K(n)^T, issued (not waited for).
   auto issue_qk = [&](int n) {
-    const uint32_t k_base = k_tile(n);
+    const uint64_t k_desc = make_desc(k_tile(n), 16, kSbo);
     // kPersistent: the first k-step overwrites S (scale_d = 0); inside a block's loop over tiles ptxas no
     // longer folds zeroed accumulators into that step, as it does for the other kernels.
     if constexpr (!Traits::kPersistent) {
@@ -351,22 +352,22 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
 #pragma unroll
     for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
       const uint32_t k_off = (kk % 4) * 32;  // k16 steps inside a 128-byte row
-      wgmma_ss<Element, kBlockN>(acc_s[0], make_desc(q_wg + (kk / 4) * kQBlock + k_off, 16, kSbo),
-                                 make_desc(k_base + (kk / 4) * kKVBlock + k_off, 16, kSbo),
+      wgmma_ss<Element, kBlockN>(acc_s[0], desc_add(q_desc, (kk / 4) * kQBlock + k_off),
+                                 desc_add(k_desc, (kk / 4) * kKVBlock + k_off),
                                  Traits::kPersistent ? int(kk > 0) : 1);
     }
     wgmma_commit();
   };
   // O += P V(n), issued: P of n8 fragments 2 kk and 2 kk + 1 is the A fragment of k-step kk (16 keys).
   auto issue_pv = [&](int n) {
-    const uint32_t v_base = v_tile(n);
+    const uint64_t v_desc = make_desc(v_tile(n), kKVBlock, kSbo);
     fence_accumulator(acc_o[0]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kKStepsPV; ++kk) {
       const uint32_t pa[4] = {p_frag[0][2 * kk][0], p_frag[0][2 * kk][1], p_frag[0][2 * kk + 1][0],
                               p_frag[0][2 * kk + 1][1]};
-      wgmma_rs<Element, kHeadDim>(acc_o[0], pa, make_desc(v_base + kk * 16 * 128, kKVBlock, kSbo), 1);
+      wgmma_rs<Element, kHeadDim>(acc_o[0], pa, desc_add(v_desc, kk * 16 * 128), 1);
     }
     wgmma_commit();
   };

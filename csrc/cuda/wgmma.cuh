@@ -41,6 +41,14 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo_b
   return desc;
 }
 
+// make_desc(smem_addr + bytes, ...) from make_desc(smem_addr, ...), bytes a multiple of 16: the start address
+// is the low field (address >> 4, 14 bits), and shared memory addresses stay below 256 KB, so the sum never
+// carries out of it. One 32-bit add on the low word, where make_desc takes an add, two masks and a shift.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = uint32_t(desc) + (bytes >> 4);
+  return (desc & ~uint64_t(0xFFFFFFFFu)) | lo;
+}
+
 // cp.async of rows [row_begin, row_begin + kRows) of one (batch, head) slice (row stride in elements)
 // into a swizzled tile; rows at or past rows_valid are zero-filled and read nothing. Consecutive threads
 // copy consecutive 16-byte chunks of a row (whole 32-byte sectors; conflict-free smem writes).
