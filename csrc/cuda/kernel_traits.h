@@ -316,16 +316,21 @@ struct FwdSm90Traits {
 //       of shared memory at D = 128): a block's wait for Q was 3.7 % of its samples at 1k keys (19, ncu,
 //       docs/perf.md v24), and 17 issued that copy only in the epilogue. In one call against 24: D = 128
 //       x 0.88-0.99, D = 64 0.87-0.96 (the same call as 25's numbers).
+//   27: 16 (three warpgroups, 192-row blocks; D = 64's long-key tiles) with 24's additions: the first turn
+//       passed early, each warpgroup storing its own rows of O by bulk tensor copies, a block's other first
+//       copies issued once its first K tile has landed. Made for D = 64, where 16 lost to 8 below 6k keys
+//       (v16) and 24's additions were worth 1-6 % to 15's tiles at D = 128; 160-168 registers, no spills, key
+//       loops 655 / 749 / 696 / 794 instructions (16: 650 / 738 / 690 / 783).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 26, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 27, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
   static constexpr bool kPrefetchQ = kVariant == 26;
   static constexpr bool kPersistent = kVariant == 17 || kVariant == 25 || kPrefetchQ;
   static constexpr bool kUniformKeyIndex = kVariant == 25 || kPrefetchQ;
   static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
-  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24;
-  static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24;
+  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24 || kVariant == 27;
+  static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24 || kVariant == 27;
   static constexpr bool kWgEpilogue = kVariant == 19 || kPrefetchNext || kTmaStoreO || kLateFirstCopies;
   static constexpr bool kEarlyTurn = kVariant == 18 || kWgEpilogue;
   static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent || kEarlyTurn;
@@ -340,7 +345,7 @@ struct FwdSm90Variant {
   static constexpr int kBase = kLastWarpLoads ? 3 : (kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant);
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
-  using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
+  using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 || kVariant == 27 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
