@@ -320,7 +320,9 @@ struct FwdSm90Traits {
 //       passed early, each warpgroup storing its own rows of O by bulk tensor copies, a block's other first
 //       copies issued once its first K tile has landed. Made for D = 64, where 16 lost to 8 below 6k keys
 //       (v16) and 24's additions were worth 1-6 % to 15's tiles at D = 128; 160-168 registers, no spills, key
-//       loops 655 / 749 / 696 / 794 instructions (16: 650 / 738 / 690 / 783).
+//       loops 655 / 749 / 696 / 794 instructions (16: 650 / 738 / 690 / 783). D = 64, timed in turn twice:
+//       x 1.006-1.022 of 16 at 1k-16k keys; against 8 0.75-0.83 at 1k, 0.97-1.03 at 4k, 1.03-1.12 at 16k
+//       (docs/results/fwd_sm90_candidates_h200_2026-11-30.md): the candidate for D = 64's long-key tiles.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 27, "no wgmma forward variant with this number");
