@@ -347,7 +347,8 @@ struct FwdSm90Variant {
   static constexpr int kBase = kLastWarpLoads ? 3 : (kTma ? (kHeadDim == 64 ? 7 : 6) : kVariant);
   static constexpr int kShape = kBase >= 6 ? 1 : kBase % 3;  // 0: 128 x 128, 1: 64 x 128, 2: 64 x 64
   static constexpr bool kOverlap = kBase >= 3;
-  using Traits = FwdSm90Traits<kHeadDim, kVariant == 16 || kVariant == 27 ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
+  static constexpr bool kThreeWarpgroups = kVariant == 16 || kVariant == 27;  // 192-row blocks
+  using Traits = FwdSm90Traits<kHeadDim, kThreeWarpgroups ? 192 : (kShape == 0 ? 128 : 64), kShape == 2 ? 64 : 128,
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
