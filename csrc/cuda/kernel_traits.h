@@ -364,8 +364,8 @@ struct FwdSm90Variant {
 // Traits: the head dim's default. SmallGridTraits: the kernel for grids too small for the default's blocks
 // (at most half of the SMs busy, see flash_fwd_api.cpp): candidate kSmallGrid's 64-row blocks, twice as
 // many; the default itself when its blocks are 64 rows already. LongKeysTraits: the kernel for long key
-// sequences whose blocks fill the GPU: candidate kLongKeys (at D = 64 16's 192-row blocks, whose longer
-// prologue and epilogue pay off once each block runs through 6k keys; docs/perf.md, v16).
+// sequences whose blocks fill the GPU: candidate kLongKeys (at D = 64 27's 192-row blocks, whose longer
+// prologue and epilogue pay off once each block runs through 6k keys; docs/perf.md, v16 and v25).
 template <int kHeadDim, int kVariant, int kSmallGrid, int kLongKeys>
 struct FwdSm90Choice {
   using Traits = typename FwdSm90Variant<kHeadDim, kVariant>::Traits;
@@ -375,7 +375,7 @@ struct FwdSm90Choice {
   static_assert(SmallGridTraits::kBlockM == 64, "the small-grid kernel has 64-row blocks");
 };
 #ifndef FLASH_FWD_SM90_LONG_KEYS_VARIANT_HDIM64
-#define FLASH_FWD_SM90_LONG_KEYS_VARIANT_HDIM64 16
+#define FLASH_FWD_SM90_LONG_KEYS_VARIANT_HDIM64 27
 #endif
 template <int kHeadDim>
 struct FwdSm90Config;

@@ -1,0 +1,75 @@
+"""One forward point timed several ways in one process, to explain differences between timing scripts.
+
+bench_flash_cuda.py times the forward under torch.no_grad() and as the first thing the process does;
+bench.py times it with autograd recording, after other points have run. This script times one point
+(default: D = 64, 1k keys, no mask, bf16, B·N = 16k tokens, H·D = 2048) for ours and SDPA flash, with and
+without no_grad, first on the fresh GPU, then after ``--heat-s`` seconds of back-to-back forwards, and prints
+the GPU's SM clock, temperature and power beside each reading (nvidia-smi).
+"""
+
+import argparse
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attention_backends as ab
+
+
+def gpu_state() -> str:
+    query = "--query-gpu=clocks.sm,temperature.gpu,power.draw"
+    out = subprocess.run(
+        ["nvidia-smi", query, "--format=csv,noheader"], check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip().replace(", ", " / ")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument(
+        "--heat-s", type=float, default=20.0, help="seconds of forwards between the two passes"
+    )
+    args = parser.parse_args()
+    batch, heads = 16384 // args.seqlen, 2048 // args.head_dim
+    q, k, v = (
+        torch.randn(
+            batch, heads, args.seqlen, args.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+        )
+        for _ in range(3)
+    )
+    flops = 4 * batch * heads * args.seqlen**2 * args.head_dim
+
+    def ours() -> torch.Tensor:
+        return ab.attention(q, k, v, backend="flash", strict=True)[0]
+
+    def theirs() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    fns: dict[str, Callable[[], torch.Tensor]] = {"flash": ours, "sdpa_flash": theirs}
+    print("| pass | backend | mode | TF/s | SM MHz / temp C / power before |")
+    print("|---|---|---|---|---|")
+    for label in ("fresh", "after heat", "again"):
+        if label == "after heat":
+            end = time.perf_counter() + args.heat_s
+            with torch.no_grad():
+                while time.perf_counter() < end:
+                    for _ in range(50):
+                        ours()
+                    torch.cuda.synchronize()
+        for name, fn in fns.items():
+            for mode in ("no_grad", "grad"):
+                state = gpu_state()
+                with torch.no_grad() if mode == "no_grad" else nullcontext():
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                print(f"| {label} | {name} | {mode} | {flops / ms / 1e9:.0f} | {state} |")
+
+
+if __name__ == "__main__":
+    main()
