@@ -1,10 +1,13 @@
 """Quick CUDA check of the flash kernels against SDPA's flash backend (bf16), in one process.
 
 Grid: B·N = 16k tokens, H·D = 2048; TFLOP/s as flash-attn counts them (fwd 4·B·H·N²·D, halved when causal;
-fwd+bwd 3.5x). Timing: triton.testing.do_bench median. The full benchmark is bench.py.
+fwd+bwd 3.5x). Timing: triton.testing.do_bench median, after --settle-s seconds of forwards (a GPU fresh from
+idle runs faster for a moment than at its sustained, power-limited rate:
+docs/results/timing_modes_h200_2026-11-30.md). The full benchmark is bench.py.
 """
 
 import argparse
+import time
 
 import torch
 import triton
@@ -21,6 +24,16 @@ def run(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def settle(fn, seconds: float) -> None:
+    """Run ``fn`` back to back for ``seconds``, so that the GPU's clock has settled before anything is timed."""
+    end = time.perf_counter() + seconds
+    with torch.no_grad():
+        while time.perf_counter() < end:
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -30,7 +43,11 @@ def main() -> None:
     parser.add_argument("--head-dims", type=_ints, default=[64, 128], help="e.g. 64,128")
     parser.add_argument("--seqlens", type=_ints, default=[1024, 4096, 16384], help="e.g. 1024,4096")
     parser.add_argument("--fwd-only", action="store_true", help="time the forward alone")
+    parser.add_argument(
+        "--settle-s", type=float, default=2.0, help="seconds of forwards before the first timing"
+    )
     args = parser.parse_args()
+    settled = False
     rows = []
     for head_dim in args.head_dims:
         for seqlen in args.seqlens:
@@ -58,6 +75,9 @@ def main() -> None:
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
+                if not settled:
+                    settle(ours, args.settle_s)
+                    settled = True
                 result = {"D": head_dim, "N": seqlen, "causal": int(causal)}
                 with torch.no_grad():  # a gross-error guard; the accuracy tests are tests/test_flash_cuda.py
                     ref = theirs()
