@@ -85,7 +85,7 @@ KERNEL_CANDIDATES = (
     + [
         (f"flash_fwd_sm90_hdim{d}_bf16", f"FLASH_FWD_SM90_VARIANT_HDIM{d}", v)
         for d, default in SM90_DEFAULT_VARIANT.items()
-        for v in range(28)
+        for v in range(30)
         if v != default
     ]
     + [  # the wgmma backward's candidates (flash_bwd_sm90_kernel.cuh; `FWD_TILE_KERNEL=sm90bwd ... fwdtiles`)

@@ -198,10 +198,10 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
 
-  // kPersistent: tid and sQ are made opaque so that the compiler derives this tile's addresses from them
+  // kOpaqueTileRegs: tid and sQ are made opaque so that the compiler derives this tile's addresses from them
   // inside the block's loop over tiles instead of keeping them all live across it (255 registers and spills).
   int tid = threadIdx.x;
-  if constexpr (Traits::kPersistent) asm volatile("" : "+r"(tid));
+  if constexpr (Traits::kOpaqueTileRegs) asm volatile("" : "+r"(tid));
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane / 4;
@@ -215,7 +215,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   }
 
   uint32_t sQ = smem_u32(smem_raw);
-  if constexpr (Traits::kPersistent) asm volatile("" : "+r"(sQ));
+  if constexpr (Traits::kOpaqueTileRegs) asm volatile("" : "+r"(sQ));
   const uint32_t sK = sQ + Traits::kOffK;
   const uint32_t sV = sQ + Traits::kOffV;
   // This tile's Q (kPrefetchQ: one of two buffers, in turn; the other one receives the next tile's Q).
@@ -261,8 +261,8 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
                                               len_k - n * kBlockN, tid, params.v);
     }
   };
-  // kPersistent: the stages' barriers carry on from the block's earlier tiles (ps.parity).
-  const uint32_t parity0 = Traits::kPersistent ? ps.parity : 0u;
+  // kPersistent: the stages' barriers carry on from the block's earlier tiles (ps.parity), unless kFreshBarriers.
+  const uint32_t parity0 = Traits::kPersistent && !Traits::kFreshBarriers ? ps.parity : 0u;
   auto wait_k = [&](int n) {
     mbar_wait(bar_k + 8 * stage(n), (uint32_t((n_last - n) / Traits::kStagesK) ^ (parity0 >> stage(n))) & 1u);
   };
@@ -650,7 +650,18 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   }
   if constexpr (Traits::kPersistent) {
     // The next tile's first copies, under this tile's stores (none for a tile without visible keys; kPrefetchQ:
-    // its Q is on its way already, into the other buffer).
+    // its Q is on its way already, into the other buffer). kFreshBarriers: every wait on the stages' barriers is
+    // done (the block barrier above), so thread 0 sets them up afresh first.
+    if constexpr (Traits::kFreshBarriers) {
+      if (tid == 0) {
+#pragma unroll
+        for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) {
+          mbar_inval(bar_k + 8 * i);
+          mbar_init(bar_k + 8 * i, 1);
+        }
+        fence_mbar_init();
+      }
+    }
     bool has_next;
     const auto next = next_tile(has_next);
     if (has_next) {

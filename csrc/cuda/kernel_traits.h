@@ -127,7 +127,8 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int
           bool kLateRescale_ = false, int kEmulateExpEvery_ = 0, bool kLastWarpLoads_ = false,
           bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
           bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false,
-          bool kLateFirstCopies_ = false, bool kUniformKeyIndex_ = false, bool kPrefetchQ_ = false>
+          bool kLateFirstCopies_ = false, bool kUniformKeyIndex_ = false, bool kPrefetchQ_ = false,
+          bool kFreshBarriers_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -181,6 +182,15 @@ struct FwdSm90Traits {
   // S runs, so that the next tile does not wait for its Q (its K and V still come from this tile's epilogue).
   static constexpr bool kPrefetchQ = kPrefetchQ_;
   static constexpr int kQBuffers = kPrefetchQ ? 2 : 1;
+  // kFreshBarriers (kPersistent): thread 0 invalidates and initialises the K and V stages' mbarriers again after
+  // each tile (every wait on them is done by then), so that each tile starts at phase 0 and its key loop waits
+  // on constant parities, as the one-tile kernels do, instead of parities carried from tile to tile. Without the
+  // carried state the loop over tiles fits in 255 registers with tid and sQ left visible to the compiler, and
+  // ptxas builds the descriptors as it does for one tile (kOpaqueTileRegs off).
+  static constexpr bool kFreshBarriers = kFreshBarriers_;
+  // kPersistent without kFreshBarriers: tid and sQ are made opaque inside the loop over tiles (otherwise 255
+  // registers and spills, 17).
+  static constexpr bool kOpaqueTileRegs = kPersistent_ && !kFreshBarriers;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -236,6 +246,7 @@ struct FwdSm90Traits {
   static_assert(!kLateFirstCopies || (kLastWarpLoads && !kPersistent), "kLateFirstCopies: one tile per block");
   static_assert(!kUniformKeyIndex || kLastWarpLoads, "kUniformKeyIndex: the kLastWarpLoads key loop");
   static_assert(!kPrefetchQ || kPersistent, "kPrefetchQ: a persistent block's next tile");
+  static_assert(!kFreshBarriers || kPersistent, "kFreshBarriers: a persistent block's tiles");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -322,19 +333,25 @@ struct FwdSm90Traits {
 //       (v16) and 24's additions were worth 1-6 % to 15's tiles at D = 128; 160-168 registers, no spills, key
 //       loops 655 / 749 / 696 / 794 instructions (16: 650 / 738 / 690 / 783). D = 64, timed in turn twice:
 //       x 1.006-1.022 of 16 at 1k-16k keys; against 8 0.75-0.83 at 1k, 0.97-1.03 at 4k, 1.03-1.12 at 16k
-//       (docs/results/fwd_sm90_candidates_h200_2026-11-30.md): the candidate for D = 64's long-key tiles.
+//       (docs/results/fwd_sm90_candidates_h200_2026-11-30.md): D = 64's long-key tiles since v26.
+//   28: 25 with fresh barriers for every tile (kFreshBarriers): the key loop's waits take constant parities, and
+//       tid and sQ stay visible to the compiler. Key loop 734 / 825 / 773 / 860 instructions (no mask, padding,
+//       causal, both) against 25's 770 / 833 / 812 / 856 and 24's 724 / 807 / 763 / 825; 255 registers, no
+//       spills (D = 128).
+//   29: 28 with the first turn passed early (kEarlyTurn), as 18-24 have it.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 27, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 29, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
   static constexpr bool kPrefetchQ = kVariant == 26;
-  static constexpr bool kPersistent = kVariant == 17 || kVariant == 25 || kPrefetchQ;
-  static constexpr bool kUniformKeyIndex = kVariant == 25 || kPrefetchQ;
+  static constexpr bool kFreshBarriers = kVariant == 28 || kVariant == 29;
+  static constexpr bool kPersistent = kVariant == 17 || kVariant == 25 || kPrefetchQ || kFreshBarriers;
+  static constexpr bool kUniformKeyIndex = kVariant == 25 || kPrefetchQ || kFreshBarriers;
   static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
   static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24 || kVariant == 27;
   static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24 || kVariant == 27;
   static constexpr bool kWgEpilogue = kVariant == 19 || kPrefetchNext || kTmaStoreO || kLateFirstCopies;
-  static constexpr bool kEarlyTurn = kVariant == 18 || kWgEpilogue;
+  static constexpr bool kEarlyTurn = kVariant == 18 || kVariant == 29 || kWgEpilogue;
   static constexpr bool kPingPong = kVariant == 15 || kVariant == 16 || kPersistent || kEarlyTurn;
   static constexpr bool kLastWarpLoads = kVariant == 14 || kPingPong;
   // The candidate whose flags 12-15 take over.
@@ -352,7 +369,7 @@ struct FwdSm90Variant {
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
-                               kLateFirstCopies, kUniformKeyIndex, kPrefetchQ>;
+                               kLateFirstCopies, kUniformKeyIndex, kPrefetchQ, kFreshBarriers>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
