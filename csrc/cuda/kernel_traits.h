@@ -337,8 +337,10 @@ struct FwdSm90Traits {
 //   28: 25 with fresh barriers for every tile (kFreshBarriers): the key loop's waits take constant parities, and
 //       tid and sQ stay visible to the compiler. Key loop 734 / 825 / 773 / 860 instructions (no mask, padding,
 //       causal, both) against 25's 770 / 833 / 812 / 856 and 24's 724 / 807 / 763 / 825; 255 registers, no
-//       spills (D = 128).
-//   29: 28 with the first turn passed early (kEarlyTurn), as 18-24 have it.
+//       spills (D = 128). Timed in turn with 24 (D = 128): x 0.88-0.95, 0.92 at 1k keys;
+//   29: 28 with the first turn passed early (kEarlyTurn), as 18-24 have it: x 0.90-0.97 of 24, 0.92-0.94 at 1k
+//       keys (docs/results/fwd_sm90_candidates_h200_2026-11-30.md). With a key loop as lean as 24's, the
+//       persistent kernels still lose (docs/perf.md v26).
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 29, "no wgmma forward variant with this number");
