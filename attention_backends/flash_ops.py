@@ -1,8 +1,8 @@
-"""The Python half of the ``flash_attn`` ops: fake (meta) kernels and autograd.
+"""The Python half of the ``flash_attn`` ops: fake (meta) kernels.
 
-The C++ extension defines ``flash_attn::fwd`` and ``flash_attn::bwd`` with CPU and CUDA kernels. The fake
-kernels let torch.compile trace through the ops without running them; ``register_autograd`` makes the
-forward differentiable with the backward op.
+The C++ extension defines ``flash_attn::fwd`` and ``flash_attn::bwd`` with CPU and CUDA kernels, and the
+forward's autograd (csrc/flash_autograd.cpp: the backward op as its gradient; in C++ for the host time of a
+call). The fake kernels let torch.compile trace through the ops without running them.
 """
 
 from __future__ import annotations
@@ -66,31 +66,10 @@ def _bwd_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, seqlens_k, scale, is_causal = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seqlens_k)
-    ctx.scale = scale
-    ctx.is_causal = is_causal
-
-
-def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-    q, k, v, out, lse, key_padding_mask, seqlens_k = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    elif dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq, dk, dv = torch.ops.flash_attn.bwd(
-        dout, q, k, v, out, lse, key_padding_mask, seqlens_k, ctx.scale, ctx.is_causal
-    )
-    return dq, dk, dv, None, None, None, None
-
-
 def register_python_parts() -> None:
-    """Register the fake kernels and autograd once the extension has defined the ops."""
+    """Register the fake kernels once the extension has defined the ops."""
     if _REGISTERED[0]:
         return
     torch.library.register_fake("flash_attn::fwd")(_fwd_fake)
     torch.library.register_fake("flash_attn::bwd")(_bwd_fake)
-    torch.library.register_autograd("flash_attn::fwd", _backward, setup_context=_setup_context)
     _REGISTERED[0] = True

@@ -1,7 +1,7 @@
 // The fused residual add + LayerNorm ops, added to the flash_attn op library: schemas only. The CPU and
 // CUDA implementations register themselves apart (cpu/add_layernorm_cpu.cpp,
-// cuda/add_layernorm_cuda_api.cpp); the Python side (transformer/add_layernorm.py) adds the fake (meta)
-// kernels and autograd.
+// cuda/add_layernorm_cuda_api.cpp), the forward's autograd too (add_layernorm_autograd.cpp); the Python side
+// (transformer/add_layernorm.py) adds the fake (meta) kernels.
 //
 //   add_layernorm_fwd: s = x + residual; y = (s - mean) * rstd * weight + bias over the last dim.
 //     x, residual (..., N); weight, bias (N,); all one dtype. Returns y, s (..., N) contiguous in that

@@ -1,6 +1,6 @@
 // The flash_attn op library: schemas only. The CPU and CUDA implementations register themselves
-// apart (cpu/flash_{fwd,bwd}_cpu.cpp, cuda/flash_{fwd,bwd}_api.cpp); the Python side (attention_backends/flash_ops.py)
-// adds the fake (meta) kernels and autograd.
+// apart (cpu/flash_{fwd,bwd}_cpu.cpp, cuda/flash_{fwd,bwd}_api.cpp), the forward's autograd too
+// (flash_autograd.cpp); the Python side (attention_backends/flash_ops.py) adds the fake (meta) kernels.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -4,9 +4,9 @@ Pre-norm layers need the sum ``s`` (the next residual) as well as ``y``, so both
 ``torch.ops.flash_attn.add_layernorm_fwd`` (C++ on the CPU, CUDA kernels on GPUs; csrc/add_layernorm_api.cpp)
 reads ``x`` and ``residual`` once and writes ``y`` and ``s`` once; its backward
 (``add_layernorm_bwd``) takes the gradients of both outputs and returns the gradient of the sum (the
-gradient of ``x`` and of ``residual``) with ``dweight`` and ``dbias``. This module registers the fake
-(meta) kernels and the autograd formula for the op, and ``add_layernorm`` falls back to the unfused torch
-ops wherever the op can't serve a call.
+gradient of ``x`` and of ``residual``) with ``dweight`` and ``dbias``; the extension registers the autograd
+that joins them (csrc/add_layernorm_autograd.cpp). This module registers the fake (meta) kernels, and
+``add_layernorm`` falls back to the unfused torch ops wherever the op can't serve a call.
 
 Shapes::
 
@@ -38,7 +38,7 @@ _STATE = {"registered": False}
 _KERNELS: dict[str, bool] = {"cpu": False, "cuda": False}
 
 
-# ------------------------------------------------------------------------------ fake kernels, autograd
+# ------------------------------------------------------------------------------------- fake kernels
 
 
 def _check_fake_devices(op: str, ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None:
@@ -70,40 +70,14 @@ def _bwd_fake(
     return s.new_empty(s.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, _, weight, bias, _ = inputs
-    _, s, mean, rstd = output
-    ctx.save_for_backward(s, mean, rstd, weight)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zeros to read)
-
-
-def _last_dim_contiguous(t: Tensor | None) -> Tensor | None:
-    return t.contiguous() if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1 else t
-
-
-def _backward(ctx, dy: Tensor | None, ds: Tensor | None, _dmean: Tensor | None, _drstd: Tensor | None):
-    """Gradients of (x, residual, weight, bias, eps): x and residual share the gradient of the sum."""
-    s, mean, rstd, weight = ctx.saved_tensors
-    if dy is None:  # only s was used: y contributes nothing
-        dsum = ds if ds is not None else torch.zeros_like(s)
-        return dsum, dsum, None, None, None
-    dsum, dweight, dbias = torch.ops.flash_attn.add_layernorm_bwd(
-        _last_dim_contiguous(dy), _last_dim_contiguous(ds), s, mean, rstd, weight
-    )
-    return dsum, dsum, dweight, dbias if ctx.has_bias else None, None
-
-
 def _register() -> bool:
-    """Register the fake kernels and autograd once the extension has defined the ops; False if it hasn't."""
+    """Register the fake kernels once the extension has defined the ops; False if it hasn't."""
     if _STATE["registered"]:
         return True
     if extension_error() is not None or not hasattr(torch.ops.flash_attn, "add_layernorm_fwd"):
         return False
     torch.library.register_fake(FWD_OP)(_fwd_fake)
     torch.library.register_fake(BWD_OP)(_bwd_fake)
-    torch.library.register_autograd(FWD_OP, _backward, setup_context=_setup_context)
     for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
         _KERNELS[device] = torch._C._dispatch_has_kernel_for_dispatch_key(FWD_OP, key)
     _STATE["registered"] = True
