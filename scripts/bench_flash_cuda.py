@@ -7,13 +7,13 @@ docs/results/timing_modes_h200_2026-11-30.md). The full benchmark is bench.py.
 """
 
 import argparse
-import time
 
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attention_backends as ab
+from benchmarks.timing import run_for
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -22,16 +22,6 @@ def tflops(flops: float, ms: float) -> float:
 
 def run(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def settle(fn, seconds: float) -> None:
-    """Run ``fn`` back to back for ``seconds``, so that the GPU's clock has settled before anything is timed."""
-    end = time.perf_counter() + seconds
-    with torch.no_grad():
-        while time.perf_counter() < end:
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
 
 
 def _ints(text: str) -> list[int]:
@@ -76,7 +66,7 @@ def main() -> None:
                         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
                 if not settled:
-                    settle(ours, args.settle_s)
+                    run_for(ours, args.settle_s)
                     settled = True
                 result = {"D": head_dim, "N": seqlen, "causal": int(causal)}
                 with torch.no_grad():  # a gross-error guard; the accuracy tests are tests/test_flash_cuda.py

@@ -11,7 +11,6 @@ call whose host side takes longer than its kernels is timed at its host time.
 
 import argparse
 import subprocess
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -20,6 +19,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attention_backends as ab
+from benchmarks.timing import host_us_per_call, run_for
 
 
 def gpu_state() -> str:
@@ -34,14 +34,7 @@ def host_us(fn: Callable[[], torch.Tensor], mode: str, calls: int = 50) -> float
     """Microseconds of host time per call of ``fn``, issued while the GPU sleeps (so no launch waits on it)."""
     with torch.no_grad() if mode == "no_grad" else nullcontext():
         fn()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # about a second of GPU cycles: the calls below only queue
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+        return host_us_per_call(fn, "cuda", calls, sleep_cycles=2_000_000_000)  # about a second of GPU cycles
 
 
 def main() -> None:
@@ -78,12 +71,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for label in args.passes.split(","):
         if label == "after heat":
-            end = time.perf_counter() + args.heat_s
-            with torch.no_grad():
-                while time.perf_counter() < end:
-                    for _ in range(50):
-                        ours()
-                    torch.cuda.synchronize()
+            run_for(ours, args.heat_s, calls_between_syncs=50)
         for name, fn in fns.items():
             for mode in ("no_grad", "grad", "graph"):
                 state = gpu_state()

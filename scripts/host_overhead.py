@@ -14,27 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 
 import attention_backends as ab
+from benchmarks.timing import host_us_per_call
 from transformer.add_layernorm import add_layernorm
-
-
-def per_call_us(fn: Callable[[], object], device: str, calls: int) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU cycles: the calls below only queue
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def calls_for(
@@ -79,7 +66,7 @@ def main() -> None:
             with nullcontext() if grad else torch.no_grad():
                 for _ in range(20):
                     fn()
-                times = [per_call_us(fn, args.device, args.calls) for _ in range(args.repeats)]
+                times = [host_us_per_call(fn, args.device, args.calls) for _ in range(args.repeats)]
             print(f"| `{label}` | {'grad' if grad else 'no_grad'} | {statistics.median(times):.1f} |")
 
 

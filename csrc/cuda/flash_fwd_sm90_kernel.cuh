@@ -126,15 +126,18 @@ struct PersistentState {
 };
 
 // The K and V stages' mbarriers (and, kLastWarpLoads, the warp counts), by thread 0, before a block barrier.
-template <typename Traits>
+// kAgain (Traits::kFreshBarriers, after a tile whose waits are all done): the barriers are invalidated and set up
+// afresh at phase 0; the warp counts carry on (each tile adds whole rounds of kNWarps to them).
+template <typename Traits, bool kAgain = false>
 __device__ __forceinline__ void init_kv_barriers(unsigned char* smem_raw, int tid) {
   if (tid == 0) {
     const uint32_t bar = smem_u32(smem_raw) + Traits::kOffBar;
     uint32_t* stage_done = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffCount);
 #pragma unroll
     for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) {
+      if constexpr (kAgain) mbar_inval(bar + 8 * i);
       mbar_init(bar + 8 * i, 1);
-      if constexpr (Traits::kLastWarpLoads) stage_done[i] = 0;
+      if constexpr (Traits::kLastWarpLoads && !kAgain) stage_done[i] = 0;
     }
     fence_mbar_init();
   }
@@ -652,16 +655,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     // The next tile's first copies, under this tile's stores (none for a tile without visible keys; kPrefetchQ:
     // its Q is on its way already, into the other buffer). kFreshBarriers: every wait on the stages' barriers is
     // done (the block barrier above), so thread 0 sets them up afresh first.
-    if constexpr (Traits::kFreshBarriers) {
-      if (tid == 0) {
-#pragma unroll
-        for (int i = 0; i < Traits::kStagesK + Traits::kStagesV; ++i) {
-          mbar_inval(bar_k + 8 * i);
-          mbar_init(bar_k + 8 * i, 1);
-        }
-        fence_mbar_init();
-      }
-    }
+    if constexpr (Traits::kFreshBarriers) init_kv_barriers<Traits, true>(smem_raw, tid);
     bool has_next;
     const auto next = next_tile(has_next);
     if (has_next) {
