@@ -146,7 +146,7 @@ if [[ " $stages " == *" fwdtiles "* ]]; then
   if [ "$kind" = sm90 ]; then
     macros="FLASH_FWD_SM90_VARIANT_HDIM64 FLASH_FWD_SM90_VARIANT_HDIM128"; dims=64,128
     env="FLASH_ATTN_FWD_WGMMA=1 FLASH_ATTN_FWD_SM90_LONG_KEYS=0"  # the candidate at every N, not D = 64's long-key tiles
-    default_variants="19 24"
+    default_variants="24 30"
   elif [ "$kind" = sm90bwd ]; then
     macros="FLASH_BWD_SM90_VARIANT_HDIM64 FLASH_BWD_SM90_VARIANT_HDIM128"; header=csrc/cuda/flash_bwd_sm90_kernel.cuh
     env="FLASH_ATTN_BWD_WGMMA=1"; dims=64,128; default_variants="21 20 12"

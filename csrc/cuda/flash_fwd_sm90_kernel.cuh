@@ -25,6 +25,11 @@
 //   With Traits::kPersistent (on kLastWarpLoads) one block per SM walks several query tiles (TileCursor's
 //   order); once a tile's O is staged in a buffer of its own, the block issues the next tile's Q, K and V
 //   copies and then writes O out, and the stages' mbarriers carry their phases from tile to tile.
+//   With Traits::kWarpSpec (on kPingPong with kTmaStoreO) a producer warpgroup comes first: one of its threads
+//   copies every tile (fwd_sm90_produce: Q, K and V by TMA, each buffer with a full and an empty mbarrier), the
+//   two computing warpgroups run the ping-pong key loop above on their 240 registers (setmaxnreg) and arrive on
+//   a buffer's empty barrier once done with it, and the block walks query tiles as kPersistent does: the next
+//   tile's Q, K and V land while this tile's last products and output stores run.
 // run_fwd_sm90 launches the head dim's default tiles (FwdSm90Config<D>::Traits) or, for grids the API
 // layer finds too small for them, its 64-row small-grid tiles (::SmallGridTraits), or for long key
 // sequences its long-key tiles (::LongKeysTraits; 192-row blocks at D = 64).
@@ -120,10 +125,22 @@ struct TileCursor {
 // A persistent block's state from one query tile to the next (Traits::kPersistent).
 struct PersistentState {
   TileCursor cursor;
-  uint32_t parity = 0;      // bit s: the phase parity of K stage s's mbarrier at the tile's start; bit 2 + s: V's
+  uint32_t parity = 0;      // bit s: the phase parity of K stage s's mbarrier at the tile's start; bit 2 + s: V's;
+                            // kWarpSpec: bit 4, Q's
   bool prefetched = false;  // the tile's Q, K and V copies were issued by the tile before
   uint32_t qbuf = 0;        // Traits::kPrefetchQ: the Q buffer of the tile
 };
+
+// The stages' phase parities (PersistentState::parity) after a tile of key tiles n_last .. 0: each stage s held the
+// tiles n <= n_last with n % 2 == s, one phase of its K and its V barrier each.
+__device__ __forceinline__ uint32_t next_parity(uint32_t parity, int n_last) {
+#pragma unroll
+  for (int st = 0; st < 2; ++st) {
+    const int uses = n_last >= st ? (n_last - st) / 2 + 1 : 0;
+    if (uses % 2 == 1) parity ^= (1u << st) | (1u << (2 + st));
+  }
+  return parity;
+}
 
 // The K and V stages' mbarriers (and, kLastWarpLoads, the warp counts), by thread 0, before a block barrier.
 // kAgain (Traits::kFreshBarriers, after a tile whose waits are all done): the barriers are invalidated and set up
@@ -195,7 +212,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kNThreads = Traits::kNWarps * 32;  // the threads that compute (kWarpSpec: after the producer's)
   constexpr int kNFragsS = Traits::kNFragsS;
   constexpr int kNFragsO = Traits::kNFragsO;
 
@@ -203,7 +220,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
 
   // kOpaqueTileRegs: tid and sQ are made opaque so that the compiler derives this tile's addresses from them
   // inside the block's loop over tiles instead of keeping them all live across it (255 registers and spills).
-  int tid = threadIdx.x;
+  int tid = int(threadIdx.x) - (Traits::kWarpSpec ? 128 : 0);
   if constexpr (Traits::kOpaqueTileRegs) asm volatile("" : "+r"(tid));
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -264,8 +281,10 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
                                               len_k - n * kBlockN, tid, params.v);
     }
   };
-  // kPersistent: the stages' barriers carry on from the block's earlier tiles (ps.parity), unless kFreshBarriers.
-  const uint32_t parity0 = Traits::kPersistent && !Traits::kFreshBarriers ? ps.parity : 0u;
+  // kPersistent, kWarpSpec: the stages' barriers carry on from the block's earlier tiles (ps.parity), unless
+  // kFreshBarriers.
+  constexpr bool kCarryParity = (Traits::kPersistent && !Traits::kFreshBarriers) || Traits::kWarpSpec;
+  const uint32_t parity0 = kCarryParity ? ps.parity : 0u;
   auto wait_k = [&](int n) {
     mbar_wait(bar_k + 8 * stage(n), (uint32_t((n_last - n) / Traits::kStagesK) ^ (parity0 >> stage(n))) & 1u);
   };
@@ -275,7 +294,12 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   };
   // kLastWarpLoads: warps that are done with each K stage, then each V stage (counted modulo kNWarps).
   uint32_t* stage_done = reinterpret_cast<uint32_t*>(smem_raw + Traits::kOffCount);
-  if constexpr (kTma && !Traits::kPersistent) {  // a persistent block sets them up once (fwd_sm90_persistent)
+  // kWarpSpec: the stages' "empty" barriers (one arrival per warp once it is done with a stage), then Q's.
+  const uint32_t bar_k_empty = bar_v + 8 * Traits::kStagesV;
+  const uint32_t bar_v_empty = bar_k_empty + 8 * Traits::kStagesK;
+  const uint32_t bar_q = bar_v_empty + 8 * Traits::kStagesV, bar_q_empty = bar_q + 8;
+  // A persistent or warp-specialized block sets them up once (fwd_sm90_persistent, fwd_sm90_warp_specialized).
+  if constexpr (kTma && !Traits::kPersistent && !Traits::kWarpSpec) {
     init_kv_barriers<Traits>(smem_raw, tid);
     __syncthreads();
   }
@@ -291,7 +315,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   };
   // kPersistent: the tile before issued this tile's first copies (Q, K(n_last), and below K(n_last - 1),
   // V(n_last), V(n_last - 1)).
-  const bool issue_first = !(Traits::kPersistent && ps.prefetched);
+  const bool issue_first = !Traits::kWarpSpec && !(Traits::kPersistent && ps.prefetched);
   if (issue_first) {
     load_tile<kBlockM, kHeadDim, kNThreads>(sQ_tile, blk.q_ptr, params.q_stride.row, row0, len_q - row0, tid,
                                             params.q);
@@ -342,9 +366,10 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   // S = Q K(n)^T, issued (not waited for).
   auto issue_qk = [&](int n) {
     const uint64_t k_desc = make_desc(k_tile(n), 16, kSbo);
-    // kPersistent: the first k-step overwrites S (scale_d = 0); inside a block's loop over tiles ptxas no
-    // longer folds zeroed accumulators into that step, as it does for the other kernels.
-    if constexpr (!Traits::kPersistent) {
+    // kPersistent, kWarpSpec: the first k-step overwrites S (scale_d = 0); inside a block's loop over tiles ptxas
+    // no longer folds zeroed accumulators into that step, as it does for the other kernels.
+    constexpr bool kOverwrite = Traits::kPersistent || Traits::kWarpSpec;
+    if constexpr (!kOverwrite) {
 #pragma unroll
       for (int j = 0; j < kNFragsS; ++j)
 #pragma unroll
@@ -357,7 +382,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
       const uint32_t k_off = (kk % 4) * 32;  // k16 steps inside a 128-byte row
       wgmma_ss<Element, kBlockN>(acc_s[0], desc_add(q_desc, (kk / 4) * kQBlock + k_off),
                                  desc_add(k_desc, (kk / 4) * kKVBlock + k_off),
-                                 Traits::kPersistent ? int(kk > 0) : 1);
+                                 kOverwrite ? int(kk > 0) : 1);
     }
     wgmma_commit();
   };
@@ -428,12 +453,23 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     // issues the copy of the tile two steps on into it: K(n - 2), V(n - 2). A warpgroup waits only for the
     // copies (mbarriers), so one may run up to a tile ahead of the other.
     constexpr int kNWarps = Traits::kNWarps;
+    // kWarpSpec: each warp arrives on the stage's empty barrier instead (and, done with S(0), on Q's); the
+    // producer issues the copies.
     auto done_with_k = [&](int n) {
-      if (lane == 0 && atomicAdd(stage_done + stage(n), 1u) % kNWarps == kNWarps - 1 && n >= 2) copy_k(n - 2);
+      if constexpr (Traits::kWarpSpec) {
+        if (lane == 0) {
+          mbar_arrive(bar_k_empty + 8 * stage(n));
+          if (n == 0) mbar_arrive(bar_q_empty);
+        }
+      } else if (lane == 0 && atomicAdd(stage_done + stage(n), 1u) % kNWarps == kNWarps - 1 && n >= 2) {
+        copy_k(n - 2);
+      }
     };
     auto done_with_v = [&](int n) {
-      if (lane == 0 && atomicAdd(stage_done + Traits::kStagesK + v_stage(n), 1u) % kNWarps == kNWarps - 1 &&
-          n >= 2) {
+      if constexpr (Traits::kWarpSpec) {
+        if (lane == 0) mbar_arrive(bar_v_empty + 8 * v_stage(n));
+      } else if (lane == 0 && atomicAdd(stage_done + Traits::kStagesK + v_stage(n), 1u) % kNWarps == kNWarps - 1 &&
+                 n >= 2) {
         copy_v(n - 2);
       }
     };
@@ -451,9 +487,14 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
       publish_kpm(n_last);
       if (n_last > 0) kpm_next = fetch_kpm(n_last - 1);
     }
-    cp_async_wait<0>();  // Q
-    fence_proxy_async();
-    __syncthreads();  // Q and the key padding bits of n_last
+    if constexpr (Traits::kWarpSpec) {
+      if (kHasKpm) warpgroup_barrier(wg);  // the key padding bits of n_last
+      mbar_wait(bar_q, (ps.parity >> 4) & 1u);
+    } else {
+      cp_async_wait<0>();  // Q
+      fence_proxy_async();
+      __syncthreads();  // Q and the key padding bits of n_last
+    }
     wait_k(n_last);
     issue_qk(n_last);
     // kPingPong: the MMAs of each iteration are issued in turns, warpgroup 0 first; the last warpgroup does
@@ -524,6 +565,10 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     issue_pv(0);
     wgmma_wait<0>();
     fence_accumulator(acc_o[0]);
+    if constexpr (Traits::kWarpSpec) {
+      done_with_v(0);
+      ps.parity = next_parity(ps.parity, n_last) ^ (1u << 4);  // and one use of Q's barrier
+    }
   } else {
     // One barrier per tile with two V stages. Iteration n issues S = Q K(n)^T and O += P(n + 1) V(n + 1)
     // together, then runs the softmax of S(n) while the second product is in flight; O is rescaled once
@@ -616,8 +661,14 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
   }
 
   // Epilogue: normalise, write lse, stage O in this warp's rows of sQ (same swizzle; n8 fragment d is
-  // chunk d of the row; kPersistent: of sO, since the next tile's Q goes into sQ), then 16-byte row stores.
-  unsigned char* const sO = smem_raw + (Traits::kPersistent ? Traits::kOffOAligned : 0);
+  // chunk d of the row; kPersistent, kWarpSpec: of sO, since the next tile's Q goes into sQ), then 16-byte row
+  // stores. kWarpSpec: once the warpgroup's bulk copies of the tile before have read its rows of sO.
+  constexpr bool kOwnO = Traits::kPersistent || Traits::kWarpSpec;
+  unsigned char* const sO = smem_raw + (kOwnO ? Traits::kOffOAligned : 0);
+  if constexpr (Traits::kWarpSpec) {
+    if (tid % 128 == 0) bulk_wait_read<0>();
+    warpgroup_barrier(wg);
+  }
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     float lse;
@@ -638,12 +689,13 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
     fence_proxy_async();
     warpgroup_barrier(wg);
     if (tid % 128 == 0) {
+      const uint32_t o_base = smem_u32(sO);
 #pragma unroll
       for (int cb = 0; cb < kHeadDim / 64; ++cb) {
-        tma_store_4d(&maps.o, sQ + cb * kBlockM * 128 + wg * 64 * 128, cb * 64, row0 + wg * 64, blk.h, blk.b);
+        tma_store_4d(&maps.o, o_base + cb * kBlockM * 128 + wg * 64 * 128, cb * 64, row0 + wg * 64, blk.h, blk.b);
       }
       bulk_commit();
-      bulk_wait_read<0>();
+      if constexpr (!Traits::kWarpSpec) bulk_wait_read<0>();  // kWarpSpec: before the next tile's staging
     }
     return;
   } else if constexpr (Traits::kWgEpilogue) {
@@ -673,12 +725,7 @@ __device__ __forceinline__ void fwd_sm90_tile(const FwdParams& params, const sm9
         if (nl > 0) tma_tile(&maps.v, v_tile(nl - 1), bar_v + 8 * v_stage(nl - 1), nl - 1, head_kv, next.b);
       }
     }
-    // Each stage s held the tiles n <= n_last with n % 2 == s, one phase of its K and its V barrier each.
-#pragma unroll
-    for (int st = 0; st < 2; ++st) {
-      const int uses = n_last >= st ? (n_last - st) / 2 + 1 : 0;
-      if (uses % 2 == 1) ps.parity ^= (1u << st) | (1u << (2 + st));
-    }
+    ps.parity = next_parity(ps.parity, n_last);
     ps.prefetched = has_next;
     if (Traits::kPrefetchQ && has_next) ps.qbuf ^= 1u;
   }
@@ -717,11 +764,102 @@ __device__ __forceinline__ void fwd_sm90_persistent(const FwdParams& params, con
   }
 }
 
+// kWarpSpec: the producer, one thread. For each of the block's query tiles with keys to visit (TileCursor's
+// order, as the computing warpgroups walk them), in the order the key loop reads them: Q, K(n_last), then K(n),
+// V(n + 1) for n = n_last - 1 .. 0, then V(0), each once its buffer is released (its empty barrier; the first use
+// of a buffer waits for parity 1, which a fresh barrier has passed).
+template <typename Traits, typename Element, bool kIsCausal>
+__device__ __forceinline__ void fwd_sm90_produce(const FwdParams& params, const sm90::KvTensorMaps& maps,
+                                                 uint32_t sQ, sm90::TileCursor cursor) {
+  using namespace sm90;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStagesK = Traits::kStagesK;
+  const uint32_t sK = sQ + Traits::kOffK, sV = sQ + Traits::kOffV;
+  const uint32_t bar_k = sQ + Traits::kOffBar, bar_v = bar_k + 8 * kStagesK;
+  const uint32_t bar_k_empty = bar_v + 8 * Traits::kStagesV, bar_v_empty = bar_k_empty + 8 * kStagesK;
+  const uint32_t bar_q = bar_v_empty + 8 * Traits::kStagesV, bar_q_empty = bar_q + 8;
+  uint32_t phase = 0;  // bit s: uses of K stage s so far, mod 2; bit 2 + s: V stage s's; bit 4: Q's
+  auto acquire = [&](uint32_t empty, int bit) {
+    mbar_wait(empty, ((phase >> bit) & 1u) ^ 1u);
+    phase ^= 1u << bit;
+  };
+  // Box rows row0 .. row0 + rows of (h, b) into dst, 64 columns per copy, counted on bar.
+  auto copy = [&](const CUtensorMap* map, uint32_t dst, uint32_t bar, int rows, int row0, int h, int b) {
+    mbar_arrive_expect_tx(bar, rows * Traits::kHeadDim * 2);
+#pragma unroll
+    for (int cb = 0; cb < Traits::kHeadDim / 64; ++cb) tma_load_4d(dst + cb * rows * 128, map, bar, cb * 64, row0, h, b);
+  };
+  const int num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int units_per_head = (num_m + 1) / 2;
+  for (; cursor.b < params.batch; cursor.advance(params, num_m, units_per_head)) {
+    const Sm90FwdBlock<Traits, Element, kIsCausal> blk(params, cursor.m_block(num_m), cursor.h, cursor.b);
+    if (blk.n_block_max <= 0) continue;
+    const int h_kv = blk.h / params.group;
+    auto copy_k = [&](int n) {
+      const int st = n % 2;
+      acquire(bar_k_empty + 8 * st, st);
+      copy(&maps.k, sK + st * Traits::kTileKVBytes, bar_k + 8 * st, kBlockN, n * kBlockN, h_kv, blk.b);
+    };
+    auto copy_v = [&](int n) {
+      const int st = n % 2;
+      acquire(bar_v_empty + 8 * st, 2 + st);
+      copy(&maps.v, sV + st * Traits::kTileKVBytes, bar_v + 8 * st, kBlockN, n * kBlockN, h_kv, blk.b);
+    };
+    acquire(bar_q_empty, 4);
+    copy(&maps.q, sQ, bar_q, Traits::kBlockM, blk.row0, blk.h, blk.b);
+    const int n_last = blk.n_block_max - 1;
+    copy_k(n_last);
+    for (int n = n_last - 1; n >= 0; --n) {
+      copy_k(n);
+      copy_v(n + 1);
+    }
+    copy_v(0);
+  }
+}
+
+// kWarpSpec: warpgroup 0 produces (fwd_sm90_produce, 24 registers), warpgroups 1 and 2 compute the block's tiles
+// (fwd_sm90_tile, 240 registers); one block per SM.
+template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
+__device__ __forceinline__ void fwd_sm90_warp_specialized(const FwdParams& params, const sm90::KvTensorMaps& maps) {
+  using namespace sm90;
+  static_assert(Traits::kStagesK == 2 && Traits::kStagesV == 2, "two K and two V stages");
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t sQ = smem_u32(smem_raw);
+  if (threadIdx.x == 0) {
+    // Full barriers: the producer's arrival with the bytes; empty ones: one arrival per computing warp.
+    constexpr int kFull = Traits::kStagesK + Traits::kStagesV;
+#pragma unroll
+    for (int i = 0; i < Traits::kNumBars; ++i) {
+      const bool empty = (i >= kFull && i < 2 * kFull) || i == Traits::kNumBars - 1;
+      mbar_init(sQ + Traits::kOffBar + 8 * i, empty ? Traits::kNWarps : 1);
+    }
+    fence_mbar_init();
+  }
+  __syncthreads();
+  const int num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int units_per_head = (num_m + 1) / 2;
+  PersistentState ps;
+  ps.cursor.first(params, units_per_head);
+  if (threadIdx.x < 128) {
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) fwd_sm90_produce<Traits, Element, kIsCausal>(params, maps, sQ, ps.cursor);
+    return;
+  }
+  setmaxnreg_inc<240>();
+  for (; ps.cursor.b < params.batch; ps.cursor.advance(params, num_m, units_per_head)) {
+    const Sm90FwdBlock<Traits, Element, kIsCausal> blk(params, ps.cursor.m_block(num_m), ps.cursor.h, ps.cursor.b);
+    fwd_sm90_tile<Traits, Element, kIsCausal, kHasKpm>(params, maps, blk, ps);
+  }
+  if (threadIdx.x % 128 == 0) bulk_wait<0>();  // the last tile's output stores
+}
+
 template <typename Traits, typename Element, bool kIsCausal, bool kHasKpm>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     flash_fwd_sm90_kernel(const FwdParams params, const __grid_constant__ sm90::KvTensorMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (Traits::kPersistent) {
+  if constexpr (Traits::kWarpSpec) {
+    fwd_sm90_warp_specialized<Traits, Element, kIsCausal, kHasKpm>(params, maps);
+  } else if constexpr (Traits::kPersistent) {
     fwd_sm90_persistent<Traits, Element, kIsCausal, kHasKpm>(params, maps);
   } else {
     sm90::PersistentState unused;
@@ -738,7 +876,7 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, const sm90::K
   const auto kernel_of = [](auto causal, auto kpm) {
     return &flash_fwd_sm90_kernel<Traits, Element, decltype(causal)::value, decltype(kpm)::value>;
   };
-  if constexpr (Traits::kPersistent) {  // one block per SM, at most one per unit (fwd_sm90_persistent)
+  if constexpr (Traits::kPersistent || Traits::kWarpSpec) {  // one block per SM, at most one per unit (TileCursor)
     const int64_t num_m = (params.len_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const int64_t units = (num_m + 1) / 2 * params.heads_q * params.batch;
     launch_one_pass_fwd_on<Traits>(dim3(unsigned(std::min<int64_t>(units, std::max(params.num_sms, 1)))), params,
@@ -775,7 +913,9 @@ void run_fwd_sm90_tiles(const FwdParams& params, cudaStream_t stream) {
                            params.v_stride, Traits::kBlockN) &&
         (!Traits::kTmaStoreO ||
          make_tensor_map_4d(&maps.o, params.out, kBf16, params.batch, params.heads_q, params.len_q, HeadDim,
-                            out_strides(params, HeadDim), 64));
+                            out_strides(params, HeadDim), 64)) &&
+        (!Traits::kWarpSpec || make_tensor_map_4d(&maps.q, params.q, kBf16, params.batch, params.heads_q,
+                                                  params.len_q, HeadDim, params.q_stride, Traits::kBlockM));
     if (mapped) {
       launch_fwd_sm90<Traits, Element>(params, stream, maps);
       return;

@@ -128,7 +128,7 @@ template <int kHeadDim_, int kBlockM_, int kBlockN_, bool kOverlap_ = false, int
           bool kPingPong_ = false, bool kPersistent_ = false, bool kEarlyTurn_ = false,
           bool kWgEpilogue_ = false, bool kPrefetchNext_ = false, bool kTmaStoreO_ = false,
           bool kLateFirstCopies_ = false, bool kUniformKeyIndex_ = false, bool kPrefetchQ_ = false,
-          bool kFreshBarriers_ = false>
+          bool kFreshBarriers_ = false, bool kWarpSpec_ = false>
 struct FwdSm90Traits {
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM the registers must allow
   static constexpr bool kTma = kTma_;
@@ -191,6 +191,13 @@ struct FwdSm90Traits {
   // kPersistent without kFreshBarriers: tid and sQ are made opaque inside the loop over tiles (otherwise 255
   // registers and spills, 17).
   static constexpr bool kOpaqueTileRegs = kPersistent_ && !kFreshBarriers;
+  // kWarpSpec (the ping-pong schedule with kTmaStoreO): a producer warpgroup comes first in the block. One of its
+  // threads issues every Q, K and V copy by TMA into its buffer once the computing warpgroups have released it
+  // (an "empty" mbarrier per buffer, one arrival per computing warp), and gives its registers to them
+  // (setmaxnreg). The block is persistent (one per SM, TileCursor's order): the producer copies the next tile's Q,
+  // K and V while the computing warpgroups finish this one, and each of those stores its rows of O from a
+  // buffer of its own (sO) by bulk copies, as the one-tile kernels do.
+  static constexpr bool kWarpSpec = kWarpSpec_;
   // The same tiles copied by every thread with cp.async (where a tensor's strides do not suit the copy engine);
   // 192-row blocks fall back to 64-row ones (384 threads do not split a K / V tile evenly).
   using WithoutTma = FwdSm90Traits<kHeadDim_, (kBlockM_ > 128 ? 64 : kBlockM_), kBlockN_, kOverlap_, kStagesV_,
@@ -202,8 +209,8 @@ struct FwdSm90Traits {
   static constexpr bool kOverlap = kOverlap_;
   static constexpr int kStagesK = kOverlap ? 2 : 1;
   static constexpr int kStagesV = kStagesV_;
-  static constexpr int kNWarps = kBlockM / 16;
-  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kNWarps = kBlockM / 16;  // the warps that compute (kWarpSpec: after the producer's)
+  static constexpr int kNThreads = kNWarps * 32 + (kWarpSpec ? 128 : 0);
   static constexpr int kNFragsS = kBlockN / 8;   // n8 fragments of S per thread
   static constexpr int kNFragsO = kHeadDim / 8;  // n8 fragments of O per thread
   static constexpr int kKStepsQK = kHeadDim / 16;
@@ -218,12 +225,14 @@ struct FwdSm90Traits {
   static constexpr int kMaskWords = kBlockN / 32;  // per K stage (and, with kLastWarpLoads, warpgroup)
   static constexpr int kMaskCopies = kLastWarpLoads ? kBlockM / 64 : 1;
   static constexpr int kOffBar = kOffMask + 16 * ((kMaskCopies * kStagesK * kMaskWords * 4 + 15) / 16);  // kTma
-  // kTma: one mbarrier (8 bytes) per K and per V stage; kLastWarpLoads: then one warp count (4 bytes) each.
-  static constexpr int kOffCount = kOffBar + 8 * (kStagesK + kStagesV);
-  static constexpr int kBarBytes = 8 * (kStagesK + kStagesV) + (kLastWarpLoads ? 4 * (kStagesK + kStagesV) : 0);
-  static constexpr int kOffO = kOffBar + (kTma ? 16 * ((kBarBytes + 15) / 16) : 0);  // kPersistent: sO
+  // kTma: one mbarrier (8 bytes) per K and per V stage ("full"; kWarpSpec: then one "empty" barrier per K and per V
+  // stage, then Q's full and empty barriers); kLastWarpLoads: then one warp count (4 bytes) per stage.
+  static constexpr int kNumBars = (kStagesK + kStagesV) * (kWarpSpec ? 2 : 1) + (kWarpSpec ? 2 : 0);
+  static constexpr int kOffCount = kOffBar + 8 * kNumBars;
+  static constexpr int kBarBytes = 8 * kNumBars + (kLastWarpLoads ? 4 * (kStagesK + kStagesV) : 0);
+  static constexpr int kOffO = kOffBar + (kTma ? 16 * ((kBarBytes + 15) / 16) : 0);  // kPersistent, kWarpSpec: sO
   static constexpr int kOffOAligned = (kOffO + 1023) / 1024 * 1024;
-  static constexpr int kSmemBytes = kPersistent ? kOffOAligned + kQBytes : kOffO;  // sO: one Q buffer
+  static constexpr int kSmemBytes = kPersistent || kWarpSpec ? kOffOAligned + kQBytes : kOffO;  // sO: one Q buffer
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of O += P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S = Q K^T: 64 or 128");
@@ -247,6 +256,8 @@ struct FwdSm90Traits {
   static_assert(!kUniformKeyIndex || kLastWarpLoads, "kUniformKeyIndex: the kLastWarpLoads key loop");
   static_assert(!kPrefetchQ || kPersistent, "kPrefetchQ: a persistent block's next tile");
   static_assert(!kFreshBarriers || kPersistent, "kFreshBarriers: a persistent block's tiles");
+  static_assert(!kWarpSpec || (kPingPong && kTmaStoreO && kBlockM == 128 && !kLateFirstCopies && !kPrefetchNext),
+                "kWarpSpec: two computing warpgroups on the ping-pong schedule, O stored by bulk copies");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block on sm_90");
 };
 
@@ -313,7 +324,7 @@ struct FwdSm90Traits {
 //   23: 19 with a block's copies of K(n_last - 1), V(n_last) and V(n_last - 1) issued once K(n_last) has landed
 //       (kLateFirstCopies), so that its first S waits for 64 KB instead of 160 KB where the copies share
 //       the SM's bandwidth (D = 128, timed in turn with 19: x 1.00-1.03 at 1k keys, 0.98-1.03 at 4k);
-//   24: 23 with 21's output stores (kTmaStoreO): the default at D = 128 (docs/perf.md v24). Timed in turn with
+//   24: 23 with 21's output stores (kTmaStoreO): the default at D = 128 until 30 (docs/perf.md v24). Timed in turn with
 //       19 on two machine starts: x 1.01-1.04 at 1k keys (every round), 0.99-1.01 at 4k and 16k (means of the
 //       second start's three rounds; single rounds 0.98-1.02).
 //   25: 17 with the key loop's tile index broadcast from lane 0 every iteration (kUniformKeyIndex): ptxas then
@@ -341,16 +352,26 @@ struct FwdSm90Traits {
 //   29: 28 with the first turn passed early (kEarlyTurn), as 18-24 have it: x 0.90-0.97 of 24, 0.92-0.94 at 1k
 //       keys (docs/results/fwd_sm90_candidates_h200_2026-11-30.md). With a key loop as lean as 24's, the
 //       persistent kernels still lose (docs/perf.md v26).
+//   30: 24's key loop and epilogue in a persistent block with a producer warpgroup (kWarpSpec, the schedule of
+//       FA3 and cuDNN): one thread of a third warpgroup issues every copy, the next tile's Q, K and V while the
+//       two computing warpgroups finish this one, which then store their rows of O from a buffer of their own.
+//       Made for the D = 128 forward at 1k-2k keys (0.91-0.93x cuDNN in v26), where 24's blocks spend a sixth of
+//       their time before their first and after their last MMA and nothing overlaps it. Key loop 681 / 749 / 719
+//       / 782 instructions (no mask, padding, causal, both; 24: 724 / 807 / 763 / 825), up to 236 registers in
+//       the computing warpgroups, none spilled. Timed in turn with 24 twice (D = 128): x 1.09 at 1k keys, 1.05
+//       at 2k, 1.02-1.04 at 4k-16k without a mask, x 1.06-1.15 causal (one reading 0.98 at 16k); at D = 64 x
+//       0.98-1.06 of 8 (docs/perf.md v27): the default at D = 128.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
-  static_assert(kVariant >= 0 && kVariant <= 29, "no wgmma forward variant with this number");
+  static_assert(kVariant >= 0 && kVariant <= 30, "no wgmma forward variant with this number");
   static constexpr int kEmulateExpEvery = kVariant == 12 ? 8 : (kVariant == 13 ? 4 : 0);
   static constexpr bool kPrefetchQ = kVariant == 26;
   static constexpr bool kFreshBarriers = kVariant == 28 || kVariant == 29;
+  static constexpr bool kWarpSpec = kVariant == 30;
   static constexpr bool kPersistent = kVariant == 17 || kVariant == 25 || kPrefetchQ || kFreshBarriers;
-  static constexpr bool kUniformKeyIndex = kVariant == 25 || kPrefetchQ || kFreshBarriers;
+  static constexpr bool kUniformKeyIndex = kVariant == 25 || kPrefetchQ || kFreshBarriers || kWarpSpec;
   static constexpr bool kPrefetchNext = kVariant == 20 || kVariant == 22;
-  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24 || kVariant == 27;
+  static constexpr bool kTmaStoreO = kVariant == 21 || kVariant == 22 || kVariant == 24 || kVariant == 27 || kWarpSpec;
   static constexpr bool kLateFirstCopies = kVariant == 23 || kVariant == 24 || kVariant == 27;
   static constexpr bool kWgEpilogue = kVariant == 19 || kPrefetchNext || kTmaStoreO || kLateFirstCopies;
   static constexpr bool kEarlyTurn = kVariant == 18 || kVariant == 29 || kWgEpilogue;
@@ -371,13 +392,13 @@ struct FwdSm90Variant {
                                kOverlap, kBase == 6 ? 1 : (kOverlap ? 2 : 1), kBase == 7 && kHeadDim == 64 ? 3 : 1,
                                kTma, kPinSoftmax, kFoldScale, kLateRescale, kEmulateExpEvery, kLastWarpLoads,
                                kPingPong, kPersistent, kEarlyTurn, kWgEpilogue, kPrefetchNext, kTmaStoreO,
-                               kLateFirstCopies, kUniformKeyIndex, kPrefetchQ, kFreshBarriers>;
+                               kLateFirstCopies, kUniformKeyIndex, kPrefetchQ, kFreshBarriers, kWarpSpec>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
 #define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
-#define FLASH_FWD_SM90_VARIANT_HDIM128 24
+#define FLASH_FWD_SM90_VARIANT_HDIM128 30
 #endif
 
 // Traits: the head dim's default. SmallGridTraits: the kernel for grids too small for the default's blocks

@@ -23,6 +23,7 @@ struct KvTensorMaps {
   CUtensorMap k;
   CUtensorMap v;
   CUtensorMap o;  // the output, 64-row boxes (FwdSm90Traits::kTmaStoreO)
+  CUtensorMap q;  // Q, kBlockM-row boxes (FwdSm90Traits::kWarpSpec)
 };
 // The backward's: Q and dO (flash_bwd_sm90_kernel.cuh, kTmaQdo).
 struct QdoTensorMaps {
