@@ -279,7 +279,7 @@ struct FwdSm90Traits {
 //      of shared memory each), 4 itself at D = 128 (1.20-1.38x / 1.02-1.18x);
 //   8: 7 at D = 64 and 6 at D = 128 with K and V copied by TMA (kTma): no per-thread copy addresses, 157-168
 //      registers without spills at D = 64, 205-224 at D = 128 (1.34-1.50x / 1.35-1.49x; in the same call
-//      7: 1.23-1.40x, 6: 1.35-1.49x); the default at D = 64 until 30, where 9, 10 and 11 were up to 8 % slower
+//      7: 1.23-1.40x, 6: 1.35-1.49x); the default at D = 64, where 9, 10 and 11 were up to 8 % slower
 //      (the exponentials bound that tile);
 //   9: 8 with the softmax kept under the P V MMA (kPinSoftmax; in the SASS of 3-8 only the scaling and
 //      masking of S ran there) (1.25-1.39x / 1.38-1.67x; x 0.92-0.98 / 1.01-1.11 of 8 in the same call);
@@ -360,8 +360,7 @@ struct FwdSm90Traits {
 //       / 782 instructions (no mask, padding, causal, both; 24: 724 / 807 / 763 / 825), up to 236 registers in
 //       the computing warpgroups, none spilled. Timed in turn with 24 twice (D = 128): x 1.09 at 1k keys, 1.05
 //       at 2k, 1.02-1.04 at 4k-16k without a mask, x 1.06-1.15 causal (one reading 0.98 at 16k); at D = 64 x
-//       1.00-1.06 of 8 below 6k keys, where D = 64's long-key tiles (27) do not run (docs/perf.md v27): the
-//       default at both head dims.
+//       0.98-1.06 of 8 (docs/perf.md v27): the default at D = 128.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 30, "no wgmma forward variant with this number");
@@ -396,7 +395,7 @@ struct FwdSm90Variant {
                                kLateFirstCopies, kUniformKeyIndex, kPrefetchQ, kFreshBarriers, kWarpSpec>;
 };
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM64
-#define FLASH_FWD_SM90_VARIANT_HDIM64 30
+#define FLASH_FWD_SM90_VARIANT_HDIM64 8
 #endif
 #ifndef FLASH_FWD_SM90_VARIANT_HDIM128
 #define FLASH_FWD_SM90_VARIANT_HDIM128 30
