@@ -360,7 +360,8 @@ struct FwdSm90Traits {
 //       / 782 instructions (no mask, padding, causal, both; 24: 724 / 807 / 763 / 825), up to 236 registers in
 //       the computing warpgroups, none spilled. Timed in turn with 24 twice (D = 128): x 1.09 at 1k keys, 1.05
 //       at 2k, 1.02-1.04 at 4k-16k without a mask, x 1.06-1.15 causal (one reading 0.98 at 16k); at D = 64 x
-//       0.98-1.06 of 8 (docs/perf.md v27): the default at D = 128.
+//       1.00-1.06 of 8 at 2k-4k keys in turn, but x 0.90-0.91 at 512 keys in a grid with it as D = 64's default
+//       (docs/perf.md v27): the default at D = 128; 8 stays D = 64's.
 template <int kHeadDim, int kVariant>
 struct FwdSm90Variant {
   static_assert(kVariant >= 0 && kVariant <= 30, "no wgmma forward variant with this number");
